@@ -1,0 +1,95 @@
+"""ntksap_jax: NTK-SAP pruning at initialization in JAX/Flax.
+
+Public API (everything else is private)::
+
+    from ntksap_jax import get_model, init_masks, ntksap_scorer, prune
+
+    model = get_model("resnet20", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    score = ntksap_scorer(model, (32, 32, 3), samples=5, num_inputs=100)
+    result = prune(score, variables["params"], batch_stats=variables["batch_stats"],
+                   density=0.8 ** 18, iterations=20, key=jax.random.key(1))
+"""
+
+from ntksap_jax.masks import (
+    apply_masks,
+    check_structure,
+    collapsed_layers,
+    count_kept,
+    count_total,
+    default_filter,
+    density_report,
+    format_report,
+    global_topk,
+    global_topk_count,
+    init_masks,
+    layerwise_topk,
+    load_masks,
+    masked_density,
+    save_masks,
+)
+from ntksap_jax.models import get_model, list_models, module_order
+from ntksap_jax.ntk import (
+    NtkImplementation,
+    empirical_ntk,
+    ntk_eigenvalues,
+    ntk_trace,
+    ntk_trace_finite_difference,
+    ntk_trace_hutchinson,
+)
+from ntksap_jax.prune import PruneResult, prune
+from ntksap_jax.schedules import exponential_schedule, linear_schedule, paper_density_grid
+from ntksap_jax.scores import (
+    Estimator,
+    SampleLoop,
+    get_scorer,
+    list_scorers,
+    magnitude_scorer,
+    ntksap_objective,
+    ntksap_scorer,
+    random_scorer,
+    register_scorer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply_masks",
+    "check_structure",
+    "collapsed_layers",
+    "count_kept",
+    "count_total",
+    "default_filter",
+    "density_report",
+    "format_report",
+    "global_topk",
+    "global_topk_count",
+    "init_masks",
+    "layerwise_topk",
+    "load_masks",
+    "masked_density",
+    "save_masks",
+    "get_model",
+    "list_models",
+    "module_order",
+    "NtkImplementation",
+    "empirical_ntk",
+    "ntk_eigenvalues",
+    "ntk_trace",
+    "ntk_trace_finite_difference",
+    "ntk_trace_hutchinson",
+    "PruneResult",
+    "prune",
+    "exponential_schedule",
+    "linear_schedule",
+    "paper_density_grid",
+    "Estimator",
+    "SampleLoop",
+    "get_scorer",
+    "list_scorers",
+    "magnitude_scorer",
+    "ntksap_objective",
+    "ntksap_scorer",
+    "random_scorer",
+    "register_scorer",
+]

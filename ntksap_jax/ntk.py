@@ -1,0 +1,294 @@
+"""Pure functions for the empirical neural tangent kernel (NTK) and its trace.
+
+Everything here works on any ``apply_fn(params, x) -> logits`` of shape ``(N, K)``
+(the output must be two-dimensional: examples by outputs) and knows nothing of
+models, masks or data. All functions are pure and ``jax.jit``-compatible; close
+over ``apply_fn`` (it is a Python callable, not an array) and jit the closure::
+
+    ntk = jax.jit(lambda p, x: ntk_trace(apply_fn, p, x))
+
+To average over weight samples, ``jax.vmap`` over a stacked params pytree::
+
+    traces = jax.vmap(lambda p: ntk_trace(apply_fn, p, x))(stacked_params)
+
+Definitions (with ``J = d vec f(θ, x) / dθ`` of shape ``(N·K, P)``):
+
+* the empirical NTK ``Θ(x1, x2)[i, j, a, b] = Σ_p J1[(i, a), p] J2[(j, b), p]``;
+* its trace ``tr Θ(x, x) = ‖J‖²_F = Σ_{i,a} ‖∂f_a(x_i)/∂θ‖²``, which is also the
+  sum of the eigenvalues of the ``(N·K) × (N·K)`` Gram matrix.
+
+Warning — normalisation: these are *sums*, not averages. neural-tangents'
+``empirical_ntk_fn`` with the default ``trace_axes=(-1,)`` returns the kernel
+*averaged* over the traced output axis, i.e. ``Θ_nt[i, j] = (1/K) Σ_a Θ[i, j, a, a]``,
+so ``tr`` of the neural-tangents kernel is ``ntk_trace / K``.
+
+Warning — batch-coupled models: ``f(θ, x)`` is differentiated as a whole batch.
+With BatchNorm in train mode each example's output depends on the others, and the
+kernel is that of the batch function. For the usual per-example NTK run BatchNorm
+in eval mode (fixed statistics) inside ``apply_fn``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "NtkImplementation",
+    "empirical_ntk",
+    "ntk_trace",
+    "ntk_trace_hutchinson",
+    "ntk_trace_finite_difference",
+    "ntk_eigenvalues",
+    "jvp_squared_norm",
+    "gaussian_like",
+]
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+
+class NtkImplementation(enum.IntEnum):
+    """How :func:`empirical_ntk` contracts Jacobians.
+
+    ``JACOBIAN_CONTRACTION``: builds ``J1`` (and ``J2``) with ``vmap`` of ``jax.vjp`` over
+    one-hot cotangents and contracts them leaf by leaf. Memory ``O((N1 + N2)·K·P)``.
+
+    ``NTK_VECTOR_PRODUCTS``: builds ``J1`` rows with ``vjp`` and pushes each through
+    ``jax.jvp`` at ``x2``: never stores ``J2``. Memory ``O(N1·K·P)``, more FLOPs.
+    """
+
+    JACOBIAN_CONTRACTION = 1
+    NTK_VECTOR_PRODUCTS = 2
+
+
+def _check_output(out: jax.Array, name: str = "apply_fn(params, x)") -> tuple[int, int]:
+    if out.ndim != 2:
+        raise ValueError(
+            f"{name} must return logits of shape (N, K); got shape {tuple(out.shape)}"
+        )
+    return int(out.shape[0]), int(out.shape[1])
+
+
+def _one_hot_cotangents(n: int, k: int, dtype) -> jax.Array:
+    """All ``n·k`` one-hot cotangents of an ``(n, k)`` output, shape ``(n·k, n, k)``."""
+    return jnp.eye(n * k, dtype=dtype).reshape(n * k, n, k)
+
+
+def _jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array):
+    """``J`` as a params-shaped pytree whose leaves have a leading ``N·K`` axis."""
+    out, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
+    n, k = _check_output(out)
+    (rows,) = jax.vmap(vjp_fn)(_one_hot_cotangents(n, k, out.dtype))
+    return rows, n, k
+
+
+def _tree_dot_rows(a: PyTree, b: PyTree) -> jax.Array:
+    """``Σ_leaves a_leaf[r] · b_leaf[s]`` for leaves with leading axes ``r`` and ``s``."""
+    terms = jax.tree.leaves(
+        jax.tree.map(lambda u, v: u.reshape(u.shape[0], -1) @ v.reshape(v.shape[0], -1).T, a, b)
+    )
+    return sum(terms[1:], terms[0])
+
+
+def empirical_ntk(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x1: jax.Array,
+    x2: jax.Array | None = None,
+    *,
+    implementation: NtkImplementation = NtkImplementation.JACOBIAN_CONTRACTION,
+) -> jax.Array:
+    """Empirical NTK ``Θ(x1, x2)`` with every output pair kept.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, K)`` logits.
+      params: any pytree of arrays (all leaves are differentiated).
+      x1: inputs, shape ``(N1, ...)``.
+      x2: inputs, shape ``(N2, ...)``; ``None`` means ``x1``.
+      implementation: see :class:`NtkImplementation`.
+
+    Returns:
+      ``(N1, N2, K, K)`` array ``Θ[i, j, a, b] = <∂f_a(x1_i)/∂θ, ∂f_b(x2_j)/∂θ>``.
+
+    Example::
+
+      apply_fn = lambda p, x: model.apply({"params": p}, x)
+      theta = jax.jit(lambda p, x: empirical_ntk(apply_fn, p, x))(params, x)  # (N, N, K, K)
+    """
+    implementation = NtkImplementation(implementation)
+    rows1, n1, k = _jacobian_rows(apply_fn, params, x1)
+    if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
+        if x2 is None:
+            rows2, n2 = rows1, n1
+        else:
+            rows2, n2, k2 = _jacobian_rows(apply_fn, params, x2)
+            if k2 != k:
+                raise ValueError(f"outputs of x1 and x2 differ in width: {k} vs {k2}")
+        gram = _tree_dot_rows(rows1, rows2)  # (N1·K, N2·K)
+        return gram.reshape(n1, k, n2, k).transpose(0, 2, 1, 3)
+    xb = x1 if x2 is None else x2
+
+    def push(tangent):
+        return jax.jvp(lambda p: apply_fn(p, xb), (params,), (tangent,))[1]  # (N2, K)
+
+    prods = jax.vmap(push)(rows1)  # (N1·K, N2, K)
+    n2 = prods.shape[1]
+    if prods.shape[2] != k:
+        raise ValueError(f"outputs of x1 and x2 differ in width: {k} vs {prods.shape[2]}")
+    return prods.reshape(n1, k, n2, k).transpose(0, 2, 1, 3)
+
+
+def ntk_trace(apply_fn: ApplyFn, params: PyTree, x: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
+    """Exact ``tr Θ(x, x) = ‖J‖²_F`` without forming the Gram matrix.
+
+    One ``jax.vjp`` linearisation, then ``vmap`` of the VJP over the ``N·K`` one-hot
+    cotangents; only the squared norms are kept.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, K)``.
+      params: pytree of arrays.
+      x: inputs ``(N, ...)``.
+      chunk_size: if given, process the ``N·K`` cotangents in chunks of this many with
+        ``lax.map`` (bounds memory at ``chunk_size · P``); ``None`` does all at once.
+
+    Returns:
+      A scalar.
+
+    Example::
+
+      tr = ntk_trace(lambda p, x: model.apply({"params": p}, x), params, x)
+    """
+    out, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
+    n, k = _check_output(out)
+
+    def sq_norm(ct):
+        (g,) = vjp_fn(ct)
+        return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(g))
+
+    cts = _one_hot_cotangents(n, k, out.dtype)
+    if chunk_size is None or chunk_size >= n * k:
+        return jnp.sum(jax.vmap(sq_norm)(cts))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
+    pad = (-cts.shape[0]) % chunk_size  # zero cotangents contribute 0
+    cts = jnp.concatenate([cts, jnp.zeros((pad, n, k), cts.dtype)])
+    chunks = cts.reshape(-1, chunk_size, n, k)
+    return jnp.sum(jax.lax.map(lambda c: jnp.sum(jax.vmap(sq_norm)(c)), chunks))
+
+
+def gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
+    """Independent standard-normal draws shaped and typed like each leaf of ``tree``.
+
+    Example::
+
+      v = gaussian_like(jax.random.key(0), params)  # same structure as params
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, jnp.shape(l), jnp.result_type(l)) for k, l in zip(keys, leaves)]
+    )
+
+
+def jvp_squared_norm(apply_fn: ApplyFn, params: PyTree, x: jax.Array, tangent: PyTree) -> jax.Array:
+    """``‖J v‖²``: the squared norm of the output change along ``tangent`` (one ``jax.jvp``).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, K)``.
+      params, tangent: pytrees of the same structure.
+      x: inputs ``(N, ...)``.
+
+    Returns:
+      A scalar ``Σ_{i,a} (J v)_{i,a}²``.
+
+    Example::
+
+      sq = jvp_squared_norm(apply_fn, params, x, gaussian_like(key, params))
+    """
+    _, jv = jax.jvp(lambda p: apply_fn(p, x), (params,), (tangent,))
+    return jnp.vdot(jv, jv)
+
+
+def ntk_trace_hutchinson(
+    apply_fn: ApplyFn, params: PyTree, x: jax.Array, key: jax.Array, num_probes: int = 1
+) -> jax.Array:
+    """Unbiased Hutchinson estimate of ``tr Θ`` from forward-mode products.
+
+    With ``v ~ N(0, I_P)``, ``E ‖J v‖² = tr(Jᵀ J) = tr(J Jᵀ) = tr Θ``. Each probe costs one
+    ``jax.jvp`` (about two forward passes); probes are ``vmap``-ed.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, K)``.
+      params: pytree of arrays.
+      x: inputs ``(N, ...)``.
+      key: PRNG key for the probes.
+      num_probes: number of Gaussian probes averaged (a static Python int ≥ 1).
+
+    Returns:
+      A scalar, the mean of ``num_probes`` independent ``‖J v‖²``. Its standard error is
+      ``std(‖J v‖²) / sqrt(num_probes)``; ``Var ‖J v‖² = 2 ‖Θ‖²_F`` for Gaussian probes.
+
+    Example::
+
+      est = ntk_trace_hutchinson(apply_fn, params, x, jax.random.key(0), num_probes=64)
+    """
+    if int(num_probes) < 1:
+        raise ValueError(f"num_probes must be a positive integer; got {num_probes}")
+    keys = jax.random.split(key, int(num_probes))
+    samples = jax.vmap(lambda k: jvp_squared_norm(apply_fn, params, x, gaussian_like(k, params)))(keys)
+    return jnp.mean(samples)
+
+
+def ntk_trace_finite_difference(
+    apply_fn: ApplyFn, params: PyTree, x: jax.Array, key: jax.Array, eps: float = 0.01
+) -> jax.Array:
+    """NTK-SAP's finite-difference estimator ``‖f(θ + ε v) − f(θ)‖²`` with ``v ~ N(0, I_P)``.
+
+    To first order this is ``ε² ‖J v‖²``, so ``E[result] / ε² → tr Θ`` as ``ε → 0``.
+    Warning: it is *not* small-ε at the paper's ``ε = 0.01`` for kaiming-initialised nets
+    (weights of a 3072-wide layer have std 0.026): measured biases of −10% (MLP) and
+    +16% (ResNet-20) against ``ε² tr Θ``. :func:`jvp_squared_norm` is the exact
+    first-order form at the same cost.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, K)``.
+      params: pytree of arrays.
+      x: inputs ``(N, ...)``.
+      key: PRNG key for ``v``.
+      eps: perturbation scale (a standard deviation, as in the official code).
+
+    Returns:
+      A scalar (not divided by ``ε²``).
+
+    Example::
+
+      fd = ntk_trace_finite_difference(apply_fn, params, x, jax.random.key(0), eps=1e-3)
+    """
+    v = gaussian_like(key, params)
+    perturbed = jax.tree.map(lambda p, d: p + eps * d, params, v)
+    diff = apply_fn(perturbed, x) - apply_fn(params, x)
+    return jnp.vdot(diff, diff)
+
+
+def ntk_eigenvalues(apply_fn: ApplyFn, params: PyTree, x: jax.Array) -> jax.Array:
+    """Eigenvalues of the ``(N·K) × (N·K)`` NTK Gram matrix on ``x``, descending.
+
+    Their sum is :func:`ntk_trace`. Uses ``jnp.linalg.eigvalsh`` on the symmetrised Gram.
+
+    Returns:
+      ``(N·K,)`` array, largest first.
+
+    Example::
+
+      lam = ntk_eigenvalues(apply_fn, params, x)
+      condition_number = lam[0] / lam[-1]
+    """
+    theta = empirical_ntk(apply_fn, params, x)
+    n, _, k, _ = theta.shape
+    gram = theta.transpose(0, 2, 1, 3).reshape(n * k, n * k)
+    gram = 0.5 * (gram + gram.T)
+    return jnp.linalg.eigvalsh(gram)[::-1]

@@ -1,0 +1,80 @@
+"""Pruning scorers and their registry.
+
+A scorer *factory* ``make(model, input_shape, **config)`` returns a score function
+``score(params, masks, batch_stats, key) -> scores``: a pytree shaped like ``masks``
+(``None`` on dense leaves) where larger means "keep". Score functions are jit-compiled
+once and never re-trace between pruning iterations.
+
+Example::
+
+    score = get_scorer("ntksap")(model, (32, 32, 3), samples=5)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ntksap_jax.scores.basic import magnitude_scorer, random_scorer
+from ntksap_jax.scores.ntksap import (
+    Estimator,
+    SampleLoop,
+    bn_statistics,
+    kaiming_normal_reinit,
+    ntksap_objective,
+    ntksap_sample_gradient,
+    ntksap_scorer,
+)
+
+__all__ = [
+    "get_scorer",
+    "list_scorers",
+    "register_scorer",
+    "ntksap_scorer",
+    "random_scorer",
+    "magnitude_scorer",
+    "ntksap_objective",
+    "ntksap_sample_gradient",
+    "bn_statistics",
+    "kaiming_normal_reinit",
+    "Estimator",
+    "SampleLoop",
+]
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register_scorer(name: str, factory: Callable) -> None:
+    """Register ``factory(model, input_shape, **config) -> score`` under ``name``.
+
+    Raises ``ValueError`` if the name is taken.
+
+    Example::
+
+      register_scorer("mine", lambda model, input_shape, **cfg: my_score_fn)
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"a scorer named {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def get_scorer(name: str) -> Callable:
+    """The factory registered as ``name``; ``ValueError`` listing the names otherwise.
+
+    Example::
+
+      get_scorer("magnitude")(model, (32, 32, 3))
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {list_scorers()}") from None
+
+
+def list_scorers() -> tuple[str, ...]:
+    """Registered scorer names, sorted. Example: ``list_scorers()  # ('magnitude', 'ntksap', 'random')``."""
+    return tuple(sorted(_REGISTRY))
+
+
+register_scorer("ntksap", ntksap_scorer)
+register_scorer("random", random_scorer)
+register_scorer("magnitude", magnitude_scorer)

@@ -1,0 +1,56 @@
+"""Data-free, model-free baselines: Gaussian-random and magnitude scores.
+
+Both follow the scorer protocol ``score(params, masks, batch_stats, key) -> scores``
+(a pytree shaped like ``masks``; ``None`` on dense leaves).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["random_scorer", "magnitude_scorer"]
+
+PyTree = Any
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def random_scorer(model=None, input_shape: Sequence[int] | None = None):
+    """Scores ``~ N(0, 1)`` i.i.d. (the official ``Rand`` pruner): a uniformly random mask.
+
+    Example::
+
+      score = random_scorer()
+      s = score(params, masks, None, jax.random.key(0))
+    """
+
+    @jax.jit
+    def score(params, masks, batch_stats, key):
+        leaves, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(
+            treedef,
+            [None if m is None else jax.random.normal(k, jnp.shape(m), jnp.float32) for k, m in zip(keys, leaves)],
+        )
+
+    return score
+
+
+def magnitude_scorer(model=None, input_shape: Sequence[int] | None = None):
+    """Scores ``|θ|`` (the official ``Mag`` pruner).
+
+    Example::
+
+      s = magnitude_scorer()(params, masks, None, jax.random.key(0))
+    """
+
+    @jax.jit
+    def score(params, masks, batch_stats, key):
+        return jax.tree.map(lambda m, p: None if m is None else jnp.abs(p), masks, params, is_leaf=_is_none)
+
+    return score
