@@ -236,7 +236,7 @@ def _align(scores: PyTree, masks: PyTree) -> PyTree:
 
 def _keep_count(density, n: int):
     # Python's round() and jnp.round() both round half to even.
-    if isinstance(density, (int, float)):
+    if not isinstance(density, jax.core.Tracer):
         return round(check_density(density) * n)
     return jnp.round(jnp.asarray(density, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) * n).astype(jnp.int32)
 

@@ -31,6 +31,7 @@ in eval mode (fixed statistics) inside ``apply_fn``.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Callable
 
 import jax
@@ -183,15 +184,29 @@ def ntk_trace(apply_fn: ApplyFn, params: PyTree, x: jax.Array, *, chunk_size: in
 def gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
     """Independent standard-normal draws shaped and typed like each leaf of ``tree``.
 
+    ``None`` leaves stay ``None`` (so a mask pytree gives draws on its prunable leaves only).
+    All values come from one flat draw that is split: one random-number kernel to compile
+    and run instead of one per leaf (on XLA:CPU each threefry kernel costs ~1 s to compile).
+
     Example::
 
       v = gaussian_like(jax.random.key(0), params)  # same structure as params
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, jnp.shape(l), jnp.result_type(l)) for k, l in zip(keys, leaves)]
-    )
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda t: t is None)
+    live = [l for l in leaves if l is not None]
+    if not live:
+        return tree
+    sizes = [math.prod(jnp.shape(l)) for l in live]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.result_type(*live))
+    out, offset = [], 0
+    for l in leaves:
+        if l is None:
+            out.append(None)
+            continue
+        size = math.prod(jnp.shape(l))
+        out.append(flat[offset : offset + size].reshape(jnp.shape(l)).astype(jnp.result_type(l)))
+        offset += size
+    return jax.tree.unflatten(treedef, out)
 
 
 def jvp_squared_norm(apply_fn: ApplyFn, params: PyTree, x: jax.Array, tangent: PyTree) -> jax.Array:

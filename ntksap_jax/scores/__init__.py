@@ -21,6 +21,7 @@ from ntksap_jax.scores.ntksap import (
     bn_statistics,
     kaiming_normal_reinit,
     ntksap_objective,
+    ntksap_sample_draws,
     ntksap_sample_gradient,
     ntksap_scorer,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "random_scorer",
     "magnitude_scorer",
     "ntksap_objective",
+    "ntksap_sample_draws",
     "ntksap_sample_gradient",
     "bn_statistics",
     "kaiming_normal_reinit",

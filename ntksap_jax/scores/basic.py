@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from ntksap_jax.ntk import gaussian_like
+
 __all__ = ["random_scorer", "magnitude_scorer"]
 
 PyTree = Any
@@ -31,12 +33,7 @@ def random_scorer(model=None, input_shape: Sequence[int] | None = None):
 
     @jax.jit
     def score(params, masks, batch_stats, key):
-        leaves, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(
-            treedef,
-            [None if m is None else jax.random.normal(k, jnp.shape(m), jnp.float32) for k, m in zip(keys, leaves)],
-        )
+        return gaussian_like(key, masks)
 
     return score
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ntksap_jax.masks import apply_masks
-from ntksap_jax.ntk import jvp_squared_norm
+from ntksap_jax.ntk import gaussian_like, jvp_squared_norm
 
 __all__ = [
     "Estimator",
@@ -46,6 +46,7 @@ __all__ = [
     "kaiming_normal_reinit",
     "bn_statistics",
     "ntksap_objective",
+    "ntksap_sample_draws",
     "ntksap_sample_gradient",
     "ntksap_scorer",
 ]
@@ -82,28 +83,28 @@ def _choice(enum_cls, value, name):
         raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}") from None
 
 
-_KAIMING = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+def _fan_in(shape: Sequence[int]) -> int:
+    # Flax layout: the last axis is the output; fan_in = prod(shape[:-1]) (H·W·C_in, or in).
+    return max(1, math.prod(shape[:-1]))
 
 
 def kaiming_normal_reinit(key: jax.Array, params: PyTree, masks: PyTree) -> PyTree:
     """Fresh kaiming-normal (fan_in, gain √2) values for every leaf that has a mask.
 
-    Leaves under a ``None`` mask are returned unchanged. Fan-in follows Flax's layout
-    (``prod(shape[:-1])``: ``H·W·C_in`` for a conv kernel, ``in`` for a dense kernel),
-    which matches PyTorch's ``kaiming_normal_`` on the same layer.
+    ``N(0, 2 / fan_in)`` with ``fan_in = prod(shape[:-1])`` in Flax's layout (``H·W·C_in`` for
+    a conv kernel, ``in`` for a dense kernel), which is PyTorch's ``kaiming_normal_`` on the
+    same layer (and Flax's ``variance_scaling(2, "fan_in", "normal")``). Leaves under a
+    ``None`` mask are returned unchanged.
 
     Example::
 
       theta = kaiming_normal_reinit(jax.random.key(0), params, masks)
     """
-    mleaves, treedef = jax.tree.flatten(masks, is_leaf=lambda x: x is None)
-    pleaves = treedef.flatten_up_to(params)
-    keys = jax.random.split(key, len(pleaves))
-    out = [
-        p if m is None else _KAIMING(k, jnp.shape(p), jnp.result_type(p))
-        for k, m, p in zip(keys, mleaves, pleaves)
-    ]
-    return jax.tree.unflatten(treedef, out)
+    draws = gaussian_like(key, masks)
+    return jax.tree.map(
+        lambda m, p, z: p if m is None else (z * math.sqrt(2.0 / _fan_in(jnp.shape(p)))).astype(jnp.result_type(p)),
+        masks, params, draws, is_leaf=lambda t: t is None,
+    )
 
 
 def bn_statistics(model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array) -> PyTree:
@@ -181,13 +182,29 @@ def ntksap_objective(
     return jvp_squared_norm(apply_fn, masked, x, tangent)
 
 
-def _perturbation(key: jax.Array, masks: PyTree) -> PyTree:
-    mleaves, treedef = jax.tree.flatten(masks, is_leaf=lambda t: t is None)
-    keys = jax.random.split(key, len(mleaves))
-    return jax.tree.unflatten(
-        treedef,
-        [None if m is None else jax.random.normal(k, jnp.shape(m), jnp.result_type(m)) for k, m in zip(keys, mleaves)],
-    )
+def ntksap_sample_draws(
+    key: jax.Array,
+    params: PyTree,
+    masks: PyTree,
+    input_shape: Sequence[int],
+    *,
+    reinit: Callable[[jax.Array, PyTree, PyTree], PyTree] = kaiming_normal_reinit,
+) -> tuple[PyTree, jax.Array, PyTree]:
+    """The random draws of one NTK-SAP weight sample: ``(θ, x, z)``.
+
+    ``θ``: ``reinit(k1, params, masks)`` (fresh kaiming kernels); ``x ~ N(0, 1)`` of shape
+    ``input_shape`` in the params' dtype; ``z ~ N(0, 1)`` on the masked leaves (``None``
+    elsewhere). ``k1, k2, k3 = jax.random.split(key, 3)``.
+
+    Example::
+
+      theta, x, z = ntksap_sample_draws(jax.random.key(0), params, masks, (100, 32, 32, 3))
+    """
+    k_init, k_x, k_z = jax.random.split(key, 3)
+    theta = reinit(k_init, params, masks)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    x = jax.random.normal(k_x, tuple(input_shape), dtype)
+    return theta, x, gaussian_like(k_z, masks)
 
 
 def ntksap_sample_gradient(
@@ -222,16 +239,12 @@ def ntksap_sample_gradient(
       g = jax.jit(functools.partial(ntksap_sample_gradient, model, input_shape=(100, 32, 32, 3)))(
           params, masks, batch_stats, key)
     """
-    k_init, k_x, k_z = jax.random.split(key, 3)
-    theta = reinit(k_init, params, masks)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    x = jax.random.normal(k_x, tuple(input_shape), dtype)
+    theta, x, z = ntksap_sample_draws(key, params, masks, input_shape, reinit=reinit)
     stats = bn_statistics(model, apply_masks(theta, masks), batch_stats, x)
     if stats:
         apply_fn = lambda p, xb: model.apply({"params": p, "batch_stats": stats}, xb, train=False)  # noqa: E731
     else:
         apply_fn = lambda p, xb: model.apply({"params": p}, xb, train=False)  # noqa: E731
-    z = _perturbation(k_z, masks)
     return jax.grad(lambda m: ntksap_objective(apply_fn, theta, m, z, x, eps=eps, estimator=estimator))(masks)
 
 
