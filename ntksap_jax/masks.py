@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -321,10 +321,10 @@ def layerwise_topk(scores: PyTree, masks: PyTree, density) -> PyTree:
     """
     mleaves, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
     sleaves = jax.tree.leaves(_align(scores, masks), is_leaf=_is_none)
-    if isinstance(density, (int, float)) or jnp.ndim(density) == 0 and not isinstance(density, dict):
-        dleaves = [density] * len(mleaves)
-    else:
+    if isinstance(density, Mapping):  # per-layer densities, params-shaped
         dleaves = jax.tree.leaves(_align(density, masks), is_leaf=_is_none)
+    else:
+        dleaves = [density] * len(mleaves)
     out = []
     for m, s, d in zip(mleaves, sleaves, dleaves):
         if m is None:

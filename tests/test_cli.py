@@ -1,0 +1,116 @@
+"""The `ntksap-jax prune` command: outputs, refusals and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ntksap_jax.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BASE = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "magnitude"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "resnet99", "--density", "0.1"], "unknown model 'resnet99'; choose one of mlp, lenet300, resnet20"),
+    (["--method", "obd", "--density", "0.1"], "unknown method 'obd'; choose one of magnitude, ntksap, random"),
+    (["--dataset", "svhn", "--density", "0.1"], "unknown dataset 'svhn'"),
+    (["--density", "0"], r"--density must be in (0, 1]; got 0.0"),
+    (["--density", "1.5"], r"--density must be in (0, 1]; got 1.5"),
+    (["--sparsity", "1.0"], r"--sparsity must be in [0, 1); got 1.0"),
+    (["--density", "0.1", "--sparsity", "0.9"], "not allowed with argument"),
+    (["--density", "0.1", "--iterations", "0"], "--iterations must be a positive integer; got 0"),
+    (["--density", "0.1", "--estimator", "exact"], "unknown --estimator 'exact'"),
+    (["--density", "0.1", "--stem", "cifar"], "--stem applies to resnet18/34/50 only"),
+    ([], "one of the arguments --density --sparsity is required"),
+])
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, capsys, args, match):
+    argv = BASE + ["--out", str(tmp_path / "run")] + args
+    if "--model" in args:  # replace the base model
+        i = argv.index("--model")
+        del argv[i:i + 2]
+    if "--method" in args:
+        i = argv.index("--method")
+        del argv[i:i + 2]
+    if "--dataset" in args:
+        i = argv.index("--dataset")
+        del argv[i:i + 2]
+    code, out, err = run_cli(argv, capsys)
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("ntksap-jax: error: ") and match in err, err
+    assert not (tmp_path / "run").exists()  # nothing created on bad input
+
+
+def test_refuses_existing_dir_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    code, _, err = run_cli(BASE + ["--density", "0.5", "--out", str(out)], capsys)
+    assert code == 2 and "exists and is not empty; pass --overwrite" in err
+    assert (out / "report.json").read_text() == "{}"
+    code, _, err = run_cli(BASE + ["--density", "0.5", "--out", str(out), "--overwrite", "--no-progress"], capsys)
+    assert code == 0 and json.loads((out / "report.json").read_text())["total_kept"] > 0
+
+
+def test_unwritable_out_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = run_cli(BASE + ["--density", "0.5", "--out", str(blocker / "run")], capsys)
+    assert code == 2 and "cannot create --out" in err and err.count("\n") == 1
+    code, _, err = run_cli(BASE + ["--density", "0.5", "--out", str(blocker)], capsys)
+    assert code == 2 and "exists and is not a folder" in err
+
+
+def test_read_only_out_is_refused(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("running as root, which ignores permission bits; the unwritable-path case is covered above")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = run_cli(BASE + ["--density", "0.5", "--out", str(ro)], capsys)
+        assert code == 2 and "is not writable" in err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_ntksap_run_writes_masks_and_report(tmp_path):
+    out = tmp_path / "run"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ntksap-jax"), "prune", "--model", "resnet20", "--dataset",
+           "cifar10", "--method", "ntksap", "--sparsity", "0.9", "--iterations", "2", "--samples", "1",
+           "--num-inputs", "4", "--seed", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "resnet20" and report["method"] == "ntksap"
+    assert report["total_prunable"] == 270896
+    assert report["total_kept"] == round(0.1 * 270896) == sum(layer["kept"] for layer in report["layers"])
+    assert report["density_actual"] == pytest.approx(report["total_kept"] / 270896)
+    assert report["density_target"] == pytest.approx(0.1)
+    assert report["config"]["iterations"] == 2 and report["config"]["samples"] == 1 and report["config"]["eps"] == 0.01
+    assert report["seconds"] > 0 and len(report["history"]) == 2
+    names = [layer["name"] for layer in report["layers"]]
+    assert names[0] == "conv.kernel" and names[-1] == "fc.kernel" and "blocks_3.shortcut_conv.kernel" in names
+    for layer in report["layers"]:
+        assert set(layer) == {"name", "shape", "total", "kept", "density"}
+    with np.load(out / "masks.npz") as data:
+        assert sorted(data.files) == sorted(names)
+        assert sum(int(data[n].sum()) for n in data.files) == report["total_kept"]
+    assert "fc.kernel" in proc.stdout and "target 10.0000%" in proc.stdout
+    assert sorted(os.listdir(out)) == ["masks.npz", "report.json"]  # no temp files left
+    # The masks load back onto the model's params.
+    import jax
+    import jax.numpy as jnp
+    from ntksap_jax import count_kept, get_model, load_masks
+
+    params = jax.eval_shape(lambda: get_model("resnet20", 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    assert count_kept(load_masks(out / "masks.npz", params)) == report["total_kept"]
