@@ -33,21 +33,21 @@ class SmallCNN(nn.Module):
 def _mlp_case(key):
     model = get_model("mlp", 4, features=(16, 8))
     x = jax.random.normal(key, (5, 3, 2, 1), jnp.float64)
-    params = to_f64(model.init(jax.random.key(1), x)["params"])
+    params = to_f64(jax.jit(model.init)(jax.random.key(1), x)["params"])
     return (lambda p, xb: model.apply({"params": p}, xb)), params, x
 
 
 def _cnn_case(key):
     model = SmallCNN()
     x = jax.random.normal(key, (4, 9, 7, 2), jnp.float64)
-    params = to_f64(model.init(jax.random.key(1), x)["params"])
+    params = to_f64(jax.jit(model.init)(jax.random.key(1), x)["params"])
     return (lambda p, xb: model.apply({"params": p}, xb)), params, x
 
 
 def _resnet_case(key):
-    model = get_model("resnet20", 10, width=4)
+    model = get_model("resnet20", 3, width=4)
     x = jax.random.normal(key, (3, 8, 8, 3), jnp.float64)
-    v = to_f64(model.init(jax.random.key(1), x))
+    v = to_f64(jax.jit(lambda k, xb: model.init(k, xb))(jax.random.key(1), x))
     # Non-trivial eval-mode statistics, fixed.
     stats = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(3), a.shape, a.dtype)), v["batch_stats"])
     return (lambda p, xb: model.apply({"params": p, "batch_stats": stats}, xb, train=False)), v["params"], x

@@ -145,6 +145,22 @@ def batch_norm(
     )
 
 
+def residual_shortcut(x, out_features: int, stride: int, bn, prefix: str):
+    """The block's shortcut: ``x``, or a 1x1 conv (stride ``stride``, no bias) + BN when the shape changes.
+
+    Call inside a parent's ``@nn.compact`` method; the submodules are named ``{prefix}_conv`` and
+    ``{prefix}_bn`` (``shortcut`` in the lottery ResNet, ``downsample`` in torchvision's).
+    ``bn(name)`` builds the parent's BatchNorm.
+
+    Example::
+
+        shortcut = residual_shortcut(x, 32, 2, bn, "shortcut")  # (N,32,32,16) -> (N,16,16,32)
+    """
+    if stride == 1 and x.shape[-1] == out_features:
+        return x
+    return bn(f"{prefix}_bn")(conv(out_features, 1, stride=stride, padding=0, name=f"{prefix}_conv")(x))
+
+
 def check_num_classes(num_classes: int) -> None:
     """Raise ``ValueError`` (naming the value) unless ``num_classes`` is an int >= 1.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .common import batch_norm, check_num_classes, conv, dense
+from .common import batch_norm, check_num_classes, conv, dense, residual_shortcut
 
 #: depth -> (block type, blocks per stage)
 RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -60,12 +60,7 @@ class BasicBlock(nn.Module):
         out = nn.relu(bn("bn1")(out))
         out = conv(out_features, 3, stride=1, padding=1, name="conv2")(out)
         out = bn("bn2")(out)
-        if self.stride != 1 or x.shape[-1] != out_features:
-            identity = conv(out_features, 1, stride=self.stride, padding=0, name="downsample_conv")(x)
-            identity = bn("downsample_bn")(identity)
-        else:
-            identity = x
-        return nn.relu(out + identity)
+        return nn.relu(out + residual_shortcut(x, out_features, self.stride, bn, "downsample"))
 
 
 class Bottleneck(nn.Module):
@@ -102,12 +97,7 @@ class Bottleneck(nn.Module):
         out = nn.relu(bn("bn2")(out))
         out = conv(out_features, 1, stride=1, padding=0, name="conv3")(out)
         out = bn("bn3")(out)
-        if self.stride != 1 or x.shape[-1] != out_features:
-            identity = conv(out_features, 1, stride=self.stride, padding=0, name="downsample_conv")(x)
-            identity = bn("downsample_bn")(identity)
-        else:
-            identity = x
-        return nn.relu(out + identity)
+        return nn.relu(out + residual_shortcut(x, out_features, self.stride, bn, "downsample"))
 
 
 class ResNet(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from .common import batch_norm, check_num_classes, conv, dense
+from .common import batch_norm, check_num_classes, conv, dense, residual_shortcut
 
 
 class LotteryBlock(nn.Module):
@@ -45,12 +45,7 @@ class LotteryBlock(nn.Module):
         out = nn.relu(bn("bn1")(out))
         out = conv(self.features, 3, stride=1, padding=1, name="conv2")(out)
         out = bn("bn2")(out)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = conv(self.features, 1, stride=self.stride, padding=0, name="shortcut_conv")(x)
-            shortcut = bn("shortcut_bn")(shortcut)
-        else:
-            shortcut = x
-        return nn.relu(out + shortcut)
+        return nn.relu(out + residual_shortcut(x, self.features, self.stride, bn, "shortcut"))
 
 
 class LotteryResNet(nn.Module):
