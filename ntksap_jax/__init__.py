@@ -11,6 +11,9 @@ Public API (everything else is private)::
                    density=0.8 ** 18, iterations=20, key=jax.random.key(1))
 """
 
+from ntksap_jax.collapse import max_critical_compression, path_report, unit_report
+from ntksap_jax.distributions import erk_densities, uniform_densities
+from ntksap_jax.sanity import reinit_params, shuffle_masks
 from ntksap_jax.masks import (
     apply_masks,
     check_structure,
@@ -43,17 +46,28 @@ from ntksap_jax.scores import (
     Estimator,
     SampleLoop,
     get_scorer,
+    grasp_scorer,
+    iterative_snip_scorer,
     list_scorers,
     magnitude_scorer,
     ntksap_objective,
     ntksap_scorer,
     random_scorer,
     register_scorer,
+    snip_scorer,
+    synflow_scorer,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "max_critical_compression",
+    "path_report",
+    "unit_report",
+    "erk_densities",
+    "uniform_densities",
+    "reinit_params",
+    "shuffle_masks",
     "apply_masks",
     "check_structure",
     "collapsed_layers",
@@ -92,4 +106,8 @@ __all__ = [
     "ntksap_scorer",
     "random_scorer",
     "register_scorer",
+    "snip_scorer",
+    "iterative_snip_scorer",
+    "grasp_scorer",
+    "synflow_scorer",
 ]

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Sequence
 
 __all__ = ["main", "DATASETS"]
@@ -31,6 +32,14 @@ DATASETS = {
     "mnist": ((28, 28, 1), 10, 100, 1),
     "digits": ((8, 8, 1), 10, 100, 1),
 }
+
+
+# Default pruning rounds by method (ntksap: by dataset, above), as in the official scripts.
+ITERATIONS_BY_METHOD = {"synflow": 100, "iterative_snip": 100}
+# Methods that score on a labelled batch (Gaussian inputs with random labels until data pipelines exist).
+DATA_METHODS = ("snip", "iterative_snip", "grasp")
+REINIT_SEED_OFFSET = 1_000_003
+SHUFFLE_KEY = 7_919
 
 
 class CliError(Exception):
@@ -53,13 +62,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="model name (see `ntksap_jax.list_models()`), e.g. resnet20")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default cifar10)")
-    p.add_argument("--method", default="ntksap", help="scorer name, e.g. ntksap, magnitude, random (default ntksap)")
+    p.add_argument("--method", default="ntksap",
+                   help="scorer: ntksap (default), random, magnitude, snip, iterative_snip, grasp, synflow")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--density", type=float, help="final kept fraction of prunable weights, in (0, 1]")
     g.add_argument("--sparsity", type=float, help="final pruned fraction, in [0, 1): density = 1 - sparsity")
     p.add_argument("--iterations", type=int, default=None,
-                   help="pruning rounds T (default: the official setting for the dataset, 20 on cifar10, "
-                   "100 elsewhere, for ntksap; 1 for other methods)")
+                   help="pruning rounds T (default: ntksap 20 on cifar10 and 100 elsewhere, as the official code; "
+                   "synflow and iterative_snip 100; other methods 1)")
     p.add_argument("--samples", type=int, default=None,
                    help="NTK-SAP weight repeats R per round (default 5 on cifar10, 1 elsewhere)")
     p.add_argument("--num-inputs", type=int, default=None,
@@ -69,6 +79,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default="finite_difference", help="finite_difference (official) or jvp")
     p.add_argument("--sample-loop", default="auto", help="auto, sequential or vmap")
     p.add_argument("--schedule", default="exponential", help="exponential (default) or linear")
+    p.add_argument("--distribution", default="global",
+                   help="global (one ranking over all layers, default), uniform or erk (fixed per-layer shares)")
+    p.add_argument("--invert", action="store_true", help="sanity check: prune the highest scores instead of the lowest")
+    p.add_argument("--shuffle", action="store_true",
+                   help="sanity check: move the kept positions at random within each layer (same per-layer counts)")
+    p.add_argument("--reinit", action="store_true",
+                   help="sanity check: keep the mask, train from a different init (recorded as init_seed in the report)")
+    p.add_argument("--float64", action="store_true", help="synflow: compute in float64 (for deep models)")
     p.add_argument("--stem", default=None, help="resnet18/34/50 stem: imagenet or cifar (default: by dataset)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for the init and the scores (default 0)")
     p.add_argument("--out", required=True, help="output folder for masks.npz and report.json")
@@ -113,6 +131,7 @@ def _resolve(args) -> dict:
     from ntksap_jax.masks import check_density
     from ntksap_jax.models import list_models
     from ntksap_jax.scores import Estimator, SampleLoop, list_scorers
+    from ntksap_jax.distributions import DISTRIBUTIONS
     from ntksap_jax.schedules import SCHEDULES
 
     if args.model not in list_models():
@@ -123,6 +142,10 @@ def _resolve(args) -> dict:
         raise CliError(f"unknown method {args.method!r}; choose one of {', '.join(list_scorers())}")
     if args.schedule not in SCHEDULES:
         raise CliError(f"unknown schedule {args.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if args.distribution not in ("global", *DISTRIBUTIONS):
+        raise CliError(f"unknown --distribution {args.distribution!r}; choose one of global, {', '.join(DISTRIBUTIONS)}")
+    if args.float64 and args.method != "synflow":
+        raise CliError(f"--float64 applies to --method synflow only, not {args.method!r}")
     if args.sparsity is not None:
         if not (math.isfinite(args.sparsity) and 0.0 <= args.sparsity < 1.0):
             raise CliError(f"--sparsity must be in [0, 1); got {args.sparsity!r}")
@@ -135,7 +158,8 @@ def _resolve(args) -> dict:
         raise CliError(str(e)) from None
     shape, classes, t_official, r_official = DATASETS[args.dataset]
     ntksap = args.method == "ntksap"
-    iterations = args.iterations if args.iterations is not None else (t_official if ntksap else 1)
+    default_t = t_official if ntksap else ITERATIONS_BY_METHOD.get(args.method, 1)
+    iterations = args.iterations if args.iterations is not None else default_t
     samples = args.samples if args.samples is not None else r_official
     num_inputs = args.num_inputs if args.num_inputs is not None else 10 * classes
     for name, v in (("--iterations", iterations), ("--samples", samples), ("--num-inputs", num_inputs),
@@ -164,12 +188,25 @@ def _resolve(args) -> dict:
         "num_classes": classes,
         "iterations": iterations,
         "schedule": args.schedule,
+        "distribution": args.distribution,
+        "invert": args.invert,
+        "shuffle": args.shuffle,
+        "reinit": args.reinit,
         "seed": args.seed,
+        # Training re-creates the init from this seed (a different one with --reinit).
+        "init_seed": args.seed + REINIT_SEED_OFFSET if args.reinit else args.seed,
         "model_kwargs": model_kwargs,
     }
     if ntksap:
-        config.update(samples=samples, num_inputs=num_inputs, batch_size=args.batch_size, eps=args.eps,
+        scorer = dict(samples=samples, num_inputs=num_inputs, batch_size=args.batch_size, eps=args.eps,
                       estimator=args.estimator, sample_loop=args.sample_loop)
+    elif args.method in DATA_METHODS:
+        scorer = dict(num_classes=classes, num_inputs=num_inputs, batch_size=args.batch_size)
+    elif args.method == "synflow":
+        scorer = dict(float64=args.float64)
+    else:
+        scorer = {}
+    config["scorer"] = scorer
     return {"density": density, "config": config}
 
 
@@ -183,7 +220,9 @@ def _run_prune(args) -> int:
     from tqdm import tqdm
 
     import ntksap_jax
+    from ntksap_jax.collapse import path_report, unit_report
     from ntksap_jax.masks import collapsed_layers, count_kept, count_total, density_report, format_report, save_masks
+    from ntksap_jax.sanity import shuffle_masks
     from ntksap_jax.models import get_model, module_order
     from ntksap_jax.prune import prune
     from ntksap_jax.scores import get_scorer
@@ -194,14 +233,11 @@ def _run_prune(args) -> int:
     init_key, prune_key = jax.random.split(jax.random.key(args.seed))
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False))(init_key)
     params, batch_stats = variables["params"], variables.get("batch_stats")
-    if args.method == "ntksap":
-        score_fn = get_scorer("ntksap")(
-            model, shape, samples=config["samples"], num_inputs=config["num_inputs"],
-            batch_size=config["batch_size"], eps=config["eps"], estimator=config["estimator"],
-            sample_loop=config["sample_loop"],
-        )
-    else:
-        score_fn = get_scorer(args.method)(model, shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score_fn = get_scorer(args.method)(model, shape, **config["scorer"])
+    for w in caught:  # e.g. "snip: no labelled batch given; scoring on Gaussian inputs with random labels"
+        print(f"ntksap-jax: note: {w.message}", file=sys.stderr)
 
     bar = tqdm(total=config["iterations"], desc=f"{args.method} {args.model}", unit="it",
                disable=args.no_progress, file=sys.stderr)
@@ -216,12 +252,23 @@ def _run_prune(args) -> int:
     total = count_total(masks0)
     start = time.perf_counter()
     result = prune(score_fn, params, masks0, density=density, iterations=config["iterations"], key=prune_key,
-                   batch_stats=batch_stats, schedule=config["schedule"], progress=progress)
+                   batch_stats=batch_stats, schedule=config["schedule"], distribution=config["distribution"],
+                   invert=config["invert"], progress=progress)
+    masks = result.masks
+    if config["shuffle"]:
+        masks = shuffle_masks(jax.random.fold_in(prune_key, SHUFFLE_KEY), masks)
     seconds = time.perf_counter() - start
     bar.close()
 
-    rows = density_report(result.masks, module_order(model, jnp.zeros((1, *shape), jnp.float32)))
-    kept = count_kept(result.masks)
+    order = module_order(model, jnp.zeros((1, *shape), jnp.float32))
+    rows = density_report(masks, order)
+    kept = count_kept(masks)
+    units = {r["name"]: r for r in unit_report(masks)}
+    paths = path_report(model, params, masks, batch_stats, shape)
+    on_path = {r["name"]: r["effective"] for r in paths["layers"]}
+    for r in rows:
+        r["dead_outputs"] = units[r["name"]]["dead_outputs"] if r["name"] in units else 0
+        r["effective"] = on_path[r["name"]]
     report = {
         "model": args.model,
         "method": args.method,
@@ -233,7 +280,10 @@ def _run_prune(args) -> int:
         "seconds": seconds,
         "config": config,
         "layers": rows,
-        "collapsed_layers": collapsed_layers(result.masks),
+        "collapsed_layers": collapsed_layers(masks),
+        "disconnected": paths["disconnected"],
+        "effective_kept": paths["effective_kept"],
+        "dead_units": sum(r["dead_outputs"] for r in rows),
         "history": result.history,
         "environment": {
             "ntksap_jax": ntksap_jax.__version__,
@@ -243,15 +293,19 @@ def _run_prune(args) -> int:
             "devices": len(jax.devices()),
         },
     }
-    save_masks(os.path.join(args.out, "masks.npz"), result.masks)
+    save_masks(os.path.join(args.out, "masks.npz"), masks)
     _atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1) + "\n")
     print(format_report(rows))
     print(
         f"{args.method} on {args.model}: kept {kept:,} of {total:,} prunable weights "
         f"(density {kept / total:.4%}, target {density:.4%}) in {seconds:.1f} s -> {args.out}"
     )
+    print(f"{paths['effective_kept']:,} of the kept weights lie on an input-output path; "
+          f"{report['dead_units']:,} units receive no weight")
     if report["collapsed_layers"]:
-        print(f"WARNING: layer collapse: no weight left in {', '.join(report['collapsed_layers'])}", file=sys.stderr)
+        print(f"WARNING: LAYER COLLAPSE: no weight left in {', '.join(report['collapsed_layers'])}", file=sys.stderr)
+    if paths["disconnected"]:
+        print("WARNING: THE NETWORK IS DISCONNECTED: no path from input to output survives this mask", file=sys.stderr)
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "global_topk",
     "global_topk_count",
     "layerwise_topk",
+    "layerwise_topk_counts",
     "density_report",
     "format_report",
     "collapsed_layers",
@@ -309,33 +310,48 @@ def global_topk(scores: PyTree, masks: PyTree, density) -> PyTree:
     return global_topk_count(scores, masks, _keep_count(density, count_total(masks)))
 
 
-def layerwise_topk(scores: PyTree, masks: PyTree, density) -> PyTree:
-    """Keep exactly ``round(density × n_l)`` weights in every prunable layer ``l`` (at least one).
+def layerwise_topk_counts(scores: PyTree, masks: PyTree, counts: PyTree) -> PyTree:
+    """Keep exactly ``counts[l]`` weights in every prunable layer ``l`` (counts may be traced ints).
 
-    Same ranking and tie rule as :func:`global_topk`, applied per leaf. ``density`` may be a
-    scalar or a params-shaped pytree of per-layer densities (e.g. from an ERK distribution).
+    Same ranking and tie rule as :func:`global_topk`, within each leaf.
+    ``jax.jit(layerwise_topk_counts)`` compiles once per mask structure.
+
+    Example::
+
+      masks = layerwise_topk_counts(scores, masks, layer_counts(masks, erk_densities(masks, 0.1)))
+    """
+    mleaves, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
+    sleaves = jax.tree.leaves(_align(scores, masks), is_leaf=_is_none)
+    cleaves = jax.tree.leaves(_align(counts, masks), is_leaf=_is_none)
+    out = []
+    for m, s, k in zip(mleaves, sleaves, cleaves):
+        if m is None:
+            out.append(None)
+            continue
+        keep = _keep_top(jnp.ravel(s), jnp.ravel(m) != 0, k)
+        out.append(keep.reshape(jnp.shape(m)).astype(jnp.result_type(m)))
+    return jax.tree.unflatten(treedef, out)
+
+
+def layerwise_topk(scores: PyTree, masks: PyTree, density) -> PyTree:
+    """Keep exactly ``max(1, round(density × n_l))`` weights in every prunable layer ``l``.
+
+    Same ranking and tie rule as :func:`global_topk`, applied per leaf. ``density`` is a
+    scalar, or a masks-shaped pytree (a nested dict) of per-layer densities (e.g. from
+    :func:`ntksap_jax.distributions.erk_densities`).
 
     Example::
 
       masks = layerwise_topk(scores, masks, 0.1)
     """
-    mleaves, treedef = jax.tree.flatten(masks, is_leaf=_is_none)
-    sleaves = jax.tree.leaves(_align(scores, masks), is_leaf=_is_none)
-    if isinstance(density, Mapping):  # per-layer densities, params-shaped
-        dleaves = jax.tree.leaves(_align(density, masks), is_leaf=_is_none)
-    else:
-        dleaves = [density] * len(mleaves)
-    out = []
-    for m, s, d in zip(mleaves, sleaves, dleaves):
-        if m is None:
-            out.append(None)
-            continue
-        n = math.prod(jnp.shape(m))
-        k = _keep_count(d, n)
-        k = max(k, 1) if isinstance(k, int) else jnp.maximum(k, 1)
-        keep = _keep_top(jnp.ravel(s), jnp.ravel(m) != 0, k)
-        out.append(keep.reshape(jnp.shape(m)).astype(jnp.result_type(m)))
-    return jax.tree.unflatten(treedef, out)
+    if not isinstance(density, Mapping):
+        d = check_density(density)
+        density = jax.tree.map(lambda m: None if m is None else d, masks, is_leaf=_is_none)
+    counts = jax.tree.map(
+        lambda m, d: None if m is None else max(1, round(check_density(d) * math.prod(jnp.shape(m)))),
+        masks, _align(density, masks), is_leaf=_is_none,
+    )
+    return layerwise_topk_counts(scores, masks, counts)
 
 
 def density_report(masks: PyTree, order: Sequence[str] | None = None) -> list[dict]:
@@ -380,13 +396,17 @@ def format_report(rows: list[dict]) -> str:
     if not rows:
         return "(no prunable layers)"
     w = max(len("layer"), *(len(r["name"]) for r in rows))
-    lines = [f"{'layer':<{w}}  {'shape':<18} {'kept':>10} {'total':>10} {'density':>9}"]
+    paths = all("effective" in r for r in rows)  # rows annotated by the CLI with path counts
+    extra = f" {'on path':>9}" if paths else ""
+    lines = [f"{'layer':<{w}}  {'shape':<18} {'kept':>10} {'total':>10} {'density':>9}{extra}"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        lines.append(f"{r['name']:<{w}}  {shape:<18} {r['kept']:>10,} {r['total']:>10,} {r['density']:>9.4%}")
+        extra = f" {r['effective']:>9,}" if paths else ""
+        lines.append(f"{r['name']:<{w}}  {shape:<18} {r['kept']:>10,} {r['total']:>10,} {r['density']:>9.4%}{extra}")
     kept = sum(r["kept"] for r in rows)
     total = sum(r["total"] for r in rows)
-    lines.append(f"{'total':<{w}}  {'':<18} {kept:>10,} {total:>10,} {kept / total:>9.4%}")
+    extra = f" {sum(r['effective'] for r in rows):>9,}" if paths else ""
+    lines.append(f"{'total':<{w}}  {'':<18} {kept:>10,} {total:>10,} {kept / total:>9.4%}{extra}")
     return "\n".join(lines)
 
 

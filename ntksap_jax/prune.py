@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -26,7 +27,9 @@ from ntksap_jax.masks import (
     count_total,
     global_topk_count,
     init_masks,
+    layerwise_topk_counts,
 )
+from ntksap_jax.distributions import get_distribution, layer_counts
 from ntksap_jax.schedules import get_schedule
 
 __all__ = ["PruneResult", "prune"]
@@ -50,6 +53,8 @@ class PruneResult(NamedTuple):
 
 
 _global_topk_count = jax.jit(global_topk_count)
+_layerwise_topk_counts = jax.jit(layerwise_topk_counts)
+_negate = jax.jit(lambda scores: jax.tree.map(jnp.negative, scores))
 
 
 def prune(
@@ -62,6 +67,8 @@ def prune(
     key: jax.Array,
     batch_stats: PyTree = None,
     schedule: str = "exponential",
+    distribution: str = "global",
+    invert: bool = False,
     progress: Callable | None = None,
 ) -> PruneResult:
     """Iterative pruning: ``T`` rounds of score-then-keep-top-``k`` down to ``density``.
@@ -80,6 +87,11 @@ def prune(
       key: PRNG key.
       batch_stats: the model's batch_stats (or ``None``), passed to ``score_fn``.
       schedule: ``"exponential"`` or ``"linear"``.
+      distribution: ``"global"`` (one ranking over all layers: the scorer decides how much each
+        layer keeps), or ``"uniform"`` / ``"erk"`` (each layer keeps a fixed share from
+        :mod:`ntksap_jax.distributions`; the scorer only picks which weights within a layer).
+      invert: prune the *highest* scores instead of the lowest (a true rank reversal: the
+        ranking uses ``-scores``, valid for negative and zero scores; pruned entries stay pruned).
       progress: optional ``progress(iteration, history_row)`` callback after each round.
 
     Returns:
@@ -98,13 +110,24 @@ def prune(
     total = count_total(masks)
     if total == 0:
         raise ValueError("no prunable weights: every mask leaf is None")
+    allocate = None if distribution == "global" else get_distribution(distribution)
     history = []
     for t, d_t in enumerate(densities, start=1):
         start = time.perf_counter()
         scores = score_fn(params, masks, batch_stats, jax.random.fold_in(key, t))
         check_scores(scores, masks)
-        k = round(float(d_t) * total)
-        masks = _global_topk_count(scores, masks, jnp.asarray(k, jnp.int32))
+        # float64 scores (e.g. SynFlow on deep nets, beyond float32's range) are ranked in float64.
+        wide = any(jnp.result_type(s) == jnp.float64 for s in jax.tree.leaves(scores))
+        with jax.enable_x64(True) if wide else contextlib.nullcontext():
+            if invert:
+                scores = _negate(scores)
+            if allocate is None:
+                k = round(float(d_t) * total)
+                masks = _global_topk_count(scores, masks, jnp.asarray(k, jnp.int32))
+            else:
+                counts = jax.tree.map(lambda c: None if c is None else jnp.asarray(c, jnp.int32),
+                                      layer_counts(masks, allocate(masks, float(d_t))), is_leaf=lambda c: c is None)
+                masks = _layerwise_topk_counts(scores, masks, counts)
         kept = int(sum(jnp.count_nonzero(m) for m in jax.tree.leaves(masks)))
         row = {"iteration": t, "density_target": float(d_t), "kept": kept, "seconds": time.perf_counter() - start}
         history.append(row)

@@ -22,7 +22,9 @@ BASE = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "magnitude
 
 @pytest.mark.parametrize("args,match", [
     (["--model", "resnet99", "--density", "0.1"], "unknown model 'resnet99'; choose one of mlp, lenet300, resnet20"),
-    (["--method", "obd", "--density", "0.1"], "unknown method 'obd'; choose one of magnitude, ntksap, random"),
+    (["--method", "obd", "--density", "0.1"], "unknown method 'obd'; choose one of "),
+    (["--density", "0.1", "--distribution", "normal"], "unknown --distribution 'normal'; choose one of global, uniform, erk"),
+    (["--density", "0.1", "--float64"], "--float64 applies to --method synflow only"),
     (["--dataset", "svhn", "--density", "0.1"], "unknown dataset 'svhn'"),
     (["--density", "0"], r"--density must be in (0, 1]; got 0.0"),
     (["--density", "1.5"], r"--density must be in (0, 1]; got 1.5"),
@@ -96,12 +98,14 @@ def test_ntksap_run_writes_masks_and_report(tmp_path):
     assert report["total_kept"] == round(0.1 * 270896) == sum(layer["kept"] for layer in report["layers"])
     assert report["density_actual"] == pytest.approx(report["total_kept"] / 270896)
     assert report["density_target"] == pytest.approx(0.1)
-    assert report["config"]["iterations"] == 2 and report["config"]["samples"] == 1 and report["config"]["eps"] == 0.01
+    assert report["config"]["iterations"] == 2 and report["config"]["scorer"]["samples"] == 1
+    assert report["config"]["scorer"]["eps"] == 0.01
     assert report["seconds"] > 0 and len(report["history"]) == 2
     names = [layer["name"] for layer in report["layers"]]
     assert names[0] == "conv.kernel" and names[-1] == "fc.kernel" and "blocks_3.shortcut_conv.kernel" in names
     for layer in report["layers"]:
-        assert set(layer) == {"name", "shape", "total", "kept", "density"}
+        assert set(layer) == {"name", "shape", "total", "kept", "density", "dead_outputs", "effective"}
+        assert 0 <= layer["effective"] <= layer["kept"] and 0 <= layer["dead_outputs"] <= layer["shape"][-1]
     with np.load(out / "masks.npz") as data:
         assert sorted(data.files) == sorted(names)
         assert sum(int(data[n].sum()) for n in data.files) == report["total_kept"]
@@ -114,3 +118,40 @@ def test_ntksap_run_writes_masks_and_report(tmp_path):
 
     params = jax.eval_shape(lambda: get_model("resnet20", 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
     assert count_kept(load_masks(out / "masks.npz", params)) == report["total_kept"]
+
+
+@pytest.mark.parametrize("method", ["ntksap", "random", "magnitude", "snip", "iterative_snip", "grasp", "synflow"])
+def test_every_method_runs_from_the_cli(tmp_path, capsys, method):
+    from ntksap_jax import list_scorers
+
+    assert method in list_scorers()
+    out = tmp_path / method
+    argv = ["prune", "--model", "mlp", "--dataset", "digits", "--method", method, "--density", "0.2",
+            "--iterations", "2", "--num-inputs", "20", "--samples", "1", "--out", str(out), "--no-progress"]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["total_kept"] == round(0.2 * report["total_prunable"])
+    assert report["disconnected"] is False and report["collapsed_layers"] == []
+    if method in ("snip", "iterative_snip", "grasp"):
+        assert "Gaussian inputs with random labels" in err
+
+
+def test_sanity_flags_are_applied_and_recorded(tmp_path, capsys):
+    base = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "magnitude", "--density", "0.3", "--no-progress"]
+    reports, masks = {}, {}
+    for name, flags in {"plain": [], "shuffle": ["--shuffle"], "invert": ["--invert"], "reinit": ["--reinit"],
+                        "erk": ["--distribution", "erk"]}.items():
+        code, _, err = run_cli(base + ["--out", str(tmp_path / name)] + flags, capsys)
+        assert code == 0, err
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+        with np.load(tmp_path / name / "masks.npz") as data:
+            masks[name] = {k: data[k] for k in data.files}
+    per_layer = lambda r: [layer["kept"] for layer in r["layers"]]  # noqa: E731
+    assert per_layer(reports["shuffle"]) == per_layer(reports["plain"])
+    assert any(not np.array_equal(masks["shuffle"][k], masks["plain"][k]) for k in masks["plain"])
+    assert all(not np.any(masks["invert"][k] & masks["plain"][k]) for k in masks["plain"])  # disjoint at 30%
+    assert reports["reinit"]["config"]["init_seed"] != reports["plain"]["config"]["init_seed"]
+    for k in masks["plain"]:
+        np.testing.assert_array_equal(masks["reinit"][k], masks["plain"][k])
+    assert per_layer(reports["erk"]) != per_layer(reports["plain"])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ntksap_jax.collapse import path_report
 from ntksap_jax import collapsed_layers, count_kept, density_report, get_model, magnitude_scorer, ntksap_scorer, prune
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "ntksap_official_resnet20_density.json")
@@ -61,6 +62,8 @@ def test_ntksap_resnet20_layer_densities_match_official(resnet20):
     result = prune(score, params, batch_stats=batch_stats, density=0.8**18, iterations=20, key=jax.random.key(0))
     assert count_kept(result.masks) == round(0.8**18 * ref["total_prunable"]) == 4880
     assert collapsed_layers(result.masks) == []
+    paths = path_report(model, params, result.masks, batch_stats, (32, 32, 3))
+    assert not paths["disconnected"] and all(layer["effective"] > 0 for layer in paths["layers"])
     lr = log_ratios(result.masks, means)
     report = ", ".join(f"{n}: {np.exp(v):.2f}x" for n, v in zip(means, lr))
     assert np.mean(np.abs(lr)) < 0.12, report

@@ -93,3 +93,15 @@ def test_prune_rejects_bad_input(mlp):
 
     with pytest.raises(ValueError, match="scores must be finite"):
         prune(nan_scorer, params, density=0.5, key=jax.random.key(0))
+
+
+def test_float64_scores_beyond_float32_range_rank_correctly():
+    params = {"a": {"kernel": jnp.zeros((2, 2))}}
+    with jax.enable_x64(True):
+        scores = {"a": {"kernel": jnp.asarray([[3e39, 2e39], [1e39, 5.0]], jnp.float64)}}
+
+    def score(params, masks, batch_stats, key):
+        return scores
+
+    masks = prune(score, params, density=0.5, key=jax.random.key(0)).masks
+    np.testing.assert_array_equal(masks["a"]["kernel"], [[1, 1], [0, 0]])

@@ -8,6 +8,10 @@ once and never re-trace between pruning iterations.
 Example::
 
     score = get_scorer("ntksap")(model, (32, 32, 3), samples=5)
+
+Registered: ``ntksap``, ``random``, ``magnitude``, and the baselines ``snip``,
+``iterative_snip``, ``grasp`` (labelled-loss scorers: ``num_classes=`` required, ``data=(x, y)``
+optional) and ``synflow`` (data-free; meant for ~100 iterations).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ntksap_jax.scores.basic import magnitude_scorer, random_scorer
+from ntksap_jax.scores.grasp import grasp_scorer
 from ntksap_jax.scores.ntksap import (
     Estimator,
     SampleLoop,
@@ -25,6 +30,8 @@ from ntksap_jax.scores.ntksap import (
     ntksap_sample_gradient,
     ntksap_scorer,
 )
+from ntksap_jax.scores.snip import iterative_snip_scorer, prune_loss, snip_scorer
+from ntksap_jax.scores.synflow import synflow_objective, synflow_scorer
 
 __all__ = [
     "get_scorer",
@@ -33,6 +40,12 @@ __all__ = [
     "ntksap_scorer",
     "random_scorer",
     "magnitude_scorer",
+    "snip_scorer",
+    "iterative_snip_scorer",
+    "grasp_scorer",
+    "synflow_scorer",
+    "prune_loss",
+    "synflow_objective",
     "ntksap_objective",
     "ntksap_sample_draws",
     "ntksap_sample_gradient",
@@ -80,3 +93,7 @@ def list_scorers() -> tuple[str, ...]:
 register_scorer("ntksap", ntksap_scorer)
 register_scorer("random", random_scorer)
 register_scorer("magnitude", magnitude_scorer)
+register_scorer("snip", snip_scorer)
+register_scorer("iterative_snip", iterative_snip_scorer)
+register_scorer("grasp", grasp_scorer)
+register_scorer("synflow", synflow_scorer)
