@@ -14,3 +14,15 @@ def to_f64(tree):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def official_name_to_ours(name: str) -> str:
+    """Official PyTorch ResNet-20 layer name -> our dotted param path.
+
+    ``conv`` -> ``conv.kernel``; ``blocks.3.conv1`` -> ``blocks_3.conv1.kernel``;
+    ``blocks.3.shortcut.0`` -> ``blocks_3.shortcut_conv.kernel``; ``fc`` -> ``fc.kernel``.
+    """
+    if name in ("conv", "fc"):
+        return f"{name}.kernel"
+    _, index, rest = name.split(".", 2)
+    return f"blocks_{index}.{'shortcut_conv' if rest == 'shortcut.0' else rest}.kernel"

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import to_f64
+from conftest import official_name_to_ours, to_f64
 from ntksap_jax import (
     apply_masks,
     collapsed_layers,
@@ -304,13 +304,6 @@ def test_synflow_float64_option_runs_in_double_without_retracing():
 
 
 # ---------------------------------------------------------------- ResNet-20: fidelity and collapse
-def official_name_to_ours(name: str) -> str:
-    if name in ("conv", "fc"):
-        return f"{name}.kernel"
-    _, index, rest = name.split(".", 2)  # blocks.3.conv1 / blocks.3.shortcut.0
-    return f"blocks_{index}.{'shortcut_conv' if rest == 'shortcut.0' else rest}.kernel"
-
-
 def synflow_reference():
     ref = json.load(open(REFERENCE))
     return {official_name_to_ours(l["layer"]): (l["kept_fraction"], l["kept"]) for l in ref["layers"]}, ref

@@ -22,17 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import official_name_to_ours
+
 from ntksap_jax.collapse import path_report
 from ntksap_jax import collapsed_layers, count_kept, density_report, get_model, magnitude_scorer, ntksap_scorer, prune
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "ntksap_official_resnet20_density.json")
-
-
-def official_name_to_ours(name: str) -> str:
-    if name in ("conv", "fc"):
-        return f"{name}.kernel"
-    _, index, rest = name.split(".", 2)  # blocks.3.conv1 / blocks.3.shortcut.0
-    return f"blocks_{index}.{'shortcut_conv' if rest == 'shortcut.0' else rest}.kernel"
 
 
 def reference_means():
