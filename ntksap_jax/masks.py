@@ -207,15 +207,18 @@ def check_density(density: float, name: str = "density") -> float:
 
 
 def check_scores(scores: PyTree, masks: PyTree) -> None:
-    """Raise ``ValueError`` naming the layers whose scores are NaN or infinite (a host sync).
+    """Raise ``ValueError`` naming the layers whose scores are NaN or infinite.
 
     Only entries that are still unpruned (mask != 0) are checked: pruned entries are
-    ranked last whatever their score.
+    ranked last whatever their score. The check runs on device and syncs one boolean;
+    scores are copied to the host only to word the error.
 
     Example::
 
       check_scores(scores, masks)
     """
+    if bool(_all_live_finite(_align(scores, masks), masks)):
+        return
     bad = []
     for (name, m), (_, s) in zip(named_leaves(masks), named_leaves(_align(scores, masks))):
         if m is None:
@@ -228,6 +231,16 @@ def check_scores(scores: PyTree, masks: PyTree) -> None:
             bad.append(f"{name} ({n_nan} NaN, {n_inf} inf)")
     if bad:
         raise ValueError("scores must be finite; non-finite scores in " + ", ".join(bad))
+
+
+@jax.jit
+def _all_live_finite(scores: PyTree, masks: PyTree) -> jax.Array:
+    checks = [
+        jnp.all(jnp.isfinite(s) | (m == 0))
+        for m, s in zip(jax.tree.leaves(masks, is_leaf=_is_none), jax.tree.leaves(scores, is_leaf=_is_none))
+        if m is not None
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def _align(scores: PyTree, masks: PyTree) -> PyTree:

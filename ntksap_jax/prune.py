@@ -54,6 +54,7 @@ class PruneResult(NamedTuple):
 
 _global_topk_count = jax.jit(global_topk_count)
 _layerwise_topk_counts = jax.jit(layerwise_topk_counts)
+_count_kept = jax.jit(lambda masks: sum(jnp.count_nonzero(m) for m in jax.tree.leaves(masks)))
 _negate = jax.jit(lambda scores: jax.tree.map(jnp.negative, scores))
 
 
@@ -128,7 +129,7 @@ def prune(
                 counts = jax.tree.map(lambda c: None if c is None else jnp.asarray(c, jnp.int32),
                                       layer_counts(masks, allocate(masks, float(d_t))), is_leaf=lambda c: c is None)
                 masks = _layerwise_topk_counts(scores, masks, counts)
-        kept = int(sum(jnp.count_nonzero(m) for m in jax.tree.leaves(masks)))
+        kept = int(_count_kept(masks))
         row = {"iteration": t, "density_target": float(d_t), "kept": kept, "seconds": time.perf_counter() - start}
         history.append(row)
         if progress is not None:
