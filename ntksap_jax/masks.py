@@ -461,15 +461,30 @@ def load_masks(path: str | os.PathLike, params: PyTree) -> PyTree:
     """Read masks saved by :func:`save_masks`, rebuilt in the structure of ``params``.
 
     Leaves of ``params`` that the file does not name get ``None`` (dense). Mask leaves get
-    the param's dtype. Raises ``ValueError`` naming the entry if the file has a name that
-    ``params`` lacks or a shape that differs.
+    the param's dtype. Raises ``ValueError`` with one clear line when the file is missing,
+    unreadable or corrupt, has an entry that is not a 0/1 array, or names a param that
+    ``params`` lacks or a shape that differs (a mask made for another model).
 
     Example::
 
       masks = load_masks("run/masks.npz", variables["params"])
     """
-    with np.load(os.fspath(path)) as data:
-        stored = {k: data[k] for k in data.files}
+    where = os.fspath(path)
+    if not os.path.isfile(where):
+        raise ValueError(f"mask file {where!r} does not exist (expected the masks.npz written by `ntksap-jax prune`)")
+    try:
+        with np.load(where, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("it holds a single array, not named masks")
+            stored = {k: data[k] for k in data.files}
+    except Exception as e:  # zipfile.BadZipFile, EOFError, zlib.error, pickle refusal, truncated members, ...
+        raise ValueError(
+            f"{where}: not a readable masks file ({type(e).__name__}: {e}); "
+            "expected an .npz of 0/1 arrays written by save_masks / `ntksap-jax prune`"
+        ) from None
+    for name, a in stored.items():
+        if a.dtype != np.bool_ and not (np.issubdtype(a.dtype, np.number) and np.all((a == 0) | (a == 1))):
+            raise ValueError(f"{where}: entry {name!r} is not a 0/1 mask (dtype {a.dtype})")
     names = {n for n, _ in named_leaves(params)}
     unknown = sorted(set(stored) - names)
     if unknown:
