@@ -92,7 +92,48 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for masks.npz and report.json")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser(
+        "validate",
+        help="check our empirical NTK of a (masked) model against neural-tangents",
+        description="Compute the empirical NTK of the masked network on Gaussian inputs (BatchNorm statistics of "
+        "the masked network on that batch, then fixed) with ntksap_jax and with neural-tangents, and print one "
+        "row per implementation. Exit status 1 if any error exceeds the tolerance (float64 1e-10, float32 1e-5, "
+        "relative Frobenius). Needs the [validate] extra.",
+    )
+    _add_model_args(v)
+    v.add_argument("--masks", default=None, help="masks.npz written by `ntksap-jax prune` (default: dense network)")
+    v.add_argument("--batch", type=int, default=8, help="Gaussian inputs N; the kernel is (N, N, K, K) (default 8)")
+    v.add_argument("--x64", action="store_true", help="compare in float64 (tolerance 1e-10) instead of float32")
+    v.add_argument("--tolerance", type=float, default=None, help="override the relative Frobenius tolerance")
+
+    s = sub.add_parser(
+        "spectrum",
+        help="NTK eigenvalues of the dense network and of each mask; writes spectrum.json/.png and densities.png",
+        description="Eigenvalues of the (N*K) x (N*K) NTK Gram of the network under each mask on a Gaussian batch "
+        "(BatchNorm statistics of each masked network on that batch), averaged over --draws fresh kaiming weight "
+        "draws when --draws > 1. Needs matplotlib (the [validate] extra) for the plots.",
+    )
+    _add_model_args(s)
+    s.add_argument("--masks", nargs="+", required=True, help="one or more masks.npz files")
+    s.add_argument("--labels", nargs="+", default=None, help="legend label per mask (default: from each report.json)")
+    s.add_argument("--batch", type=int, default=32, help="Gaussian inputs N (default 32)")
+    s.add_argument("--draws", type=int, default=1,
+                   help="weight draws to average over: 1 (default) uses the init weights; >1 draws fresh kaiming weights")
+    s.add_argument("--out", required=True, help="output folder for spectrum.json, spectrum.png, densities.png")
+    s.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     return parser
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--model", required=True, help="model name, e.g. resnet20 (must match the masks)")
+    p.add_argument("--dataset", default=None,
+                   help="sets the input shape and class count (default: from the report.json beside the first mask "
+                   "file, else cifar10)")
+    p.add_argument("--stem", default=None, help="resnet18/34/50 stem: imagenet or cifar (default: by dataset)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="init and input seed (default: the init_seed in the report.json beside the first mask file, "
+                   "so the weights are the ones that were pruned; else 0)")
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -174,14 +215,7 @@ def _resolve(args) -> dict:
         raise CliError(
             f"unknown --sample-loop {args.sample_loop!r}; choose one of {', '.join(e.value for e in SampleLoop)}"
         )
-    model_kwargs = {}
-    if args.model in ("resnet18", "resnet34", "resnet50"):
-        stem = args.stem or ("imagenet" if args.dataset == "imagenet" else "cifar")
-        if stem not in ("imagenet", "cifar"):
-            raise CliError(f"unknown --stem {stem!r}; choose imagenet or cifar")
-        model_kwargs["stem"] = stem
-    elif args.stem is not None:
-        raise CliError(f"--stem applies to resnet18/34/50 only, not {args.model!r}")
+    model_kwargs = _model_kwargs(args.model, args.stem, args.dataset)
     config = {
         "dataset": args.dataset,
         "input_shape": list(shape),
@@ -208,6 +242,152 @@ def _resolve(args) -> dict:
         scorer = {}
     config["scorer"] = scorer
     return {"density": density, "config": config}
+
+
+def _model_kwargs(model: str, stem: str | None, dataset: str) -> dict:
+    if model in ("resnet18", "resnet34", "resnet50"):
+        stem = stem or ("imagenet" if dataset == "imagenet" else "cifar")
+        if stem not in ("imagenet", "cifar"):
+            raise CliError(f"unknown --stem {stem!r}; choose imagenet or cifar")
+        return {"stem": stem}
+    if stem is not None:
+        raise CliError(f"--stem applies to resnet18/34/50 only, not {model!r}")
+    return {}
+
+
+def _read_report_beside(mask_path: str) -> dict | None:
+    """The report.json that `prune` wrote beside ``mask_path``, if any (None if absent or unreadable)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(mask_path)), "report.json")
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        return report if isinstance(report, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _model_setup(args, mask_paths: Sequence[str]):
+    """Model, variables, input shape, seed and per-file masks for `validate` / `spectrum`.
+
+    Defaults for --dataset and --seed come from the report.json beside the first mask file, so the
+    weights are those the masks were pruned on. Every mask file is checked against the model.
+    """
+    from ntksap_jax.models import list_models
+
+    if args.model not in list_models():
+        raise CliError(f"unknown model {args.model!r}; choose one of {', '.join(list_models())}")
+    for path in mask_paths:
+        if not os.path.isfile(path):
+            raise CliError(f"mask file {path!r} does not exist (expected the masks.npz written by `ntksap-jax prune`)")
+    report = _read_report_beside(mask_paths[0]) if mask_paths else None
+    for path in mask_paths:
+        r = _read_report_beside(path)
+        if r is not None and r.get("model") not in (None, args.model):
+            raise CliError(f"{path} was pruned for model {r.get('model')!r} (its report.json says so), not {args.model!r}")
+    dataset = args.dataset or (report or {}).get("dataset") or "cifar10"
+    if dataset not in DATASETS:
+        raise CliError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    seed = args.seed if args.seed is not None else int((report or {}).get("config", {}).get("init_seed", 0))
+    kwargs = _model_kwargs(args.model, args.stem, dataset)
+    if args.batch < 1:
+        raise CliError(f"--batch must be a positive integer; got {args.batch}")
+
+    import jax
+    import jax.numpy as jnp
+    from ntksap_jax.masks import load_masks
+    from ntksap_jax.models import get_model
+
+    shape, classes = DATASETS[dataset][0], DATASETS[dataset][1]
+    model = get_model(args.model, classes, **kwargs)
+    # The same init as `prune`: key(seed) split into (init, prune).
+    init_key, _ = jax.random.split(jax.random.key(seed))
+    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False))
+    # Check every mask file against the param shapes before compiling anything.
+    shapes = jax.eval_shape(init, init_key)["params"]
+    for path in mask_paths:
+        try:
+            load_masks(path, shapes)
+        except ValueError as e:
+            raise CliError(f"{e} (is it a mask for --model {args.model} on {dataset}?)") from None
+    variables = init(init_key)
+    masks = [load_masks(path, variables["params"]) for path in mask_paths]
+    return model, variables, shape, seed, dataset, masks
+
+
+def _run_validate(args) -> int:
+    model, variables, shape, seed, dataset, masks = _model_setup(args, [args.masks] if args.masks else [])
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise CliError(f"--tolerance must be a positive number; got {args.tolerance!r}")
+    import jax
+    import jax.numpy as jnp
+    from ntksap_jax._compat import NeuralTangentsUnavailable
+    from ntksap_jax.masks import count_kept, count_total
+    from ntksap_jax.validate import format_validation, validate_ntk
+
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1), (args.batch, *shape))
+    mask = masks[0] if masks else None
+    with jax.enable_x64(bool(args.x64)):  # scoped: never flips the global flag
+        if args.x64:  # Flax makes float32 params even with x64 on: cast params, masks and inputs
+            cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+            variables, x = cast(variables), x.astype(jnp.float64)
+            mask = cast(mask) if mask is not None else None
+        try:
+            result = validate_ntk(model, variables, mask, x, tolerance=args.tolerance)
+        except NeuralTangentsUnavailable as e:
+            raise CliError(str(e)) from None
+    where = f"mask {args.masks} (density {count_kept(mask) / count_total(mask):.4%})" if mask is not None else "dense"
+    print(f"{args.model} on {dataset}-shaped Gaussian inputs, {where}, seed {seed}")
+    print(format_validation(result))
+    return 0 if result.passed else 1
+
+
+def _run_spectrum(args) -> int:
+    if args.draws < 1:
+        raise CliError(f"--draws must be a positive integer; got {args.draws}")
+    if args.labels is not None and len(args.labels) != len(args.masks):
+        raise CliError(f"--labels gives {len(args.labels)} labels for {len(args.masks)} mask files")
+    labels = list(args.labels) if args.labels else []
+    if not labels:
+        for path in args.masks:
+            r = _read_report_beside(path) or {}
+            name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            labels.append(f"{r['method']} {name}" if "method" in r and r["method"] not in name else name)
+    if len(set(labels)) != len(labels) or "dense" in labels:
+        raise CliError(f"labels must be distinct and not 'dense'; got {labels} (pass --labels)")
+    model, variables, shape, seed, dataset, masks = _model_setup(args, args.masks)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("spectrum plots need matplotlib: pip install 'ntksap-jax[validate]'") from None
+    _prepare_out(args.out, args.overwrite)
+    import jax
+    from ntksap_jax.analysis import plot_densities, plot_spectrum, spectrum_study
+
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1), (args.batch, *shape))
+    key = jax.random.fold_in(jax.random.key(seed), 2) if args.draws > 1 else None
+    start = time.perf_counter()
+    study = spectrum_study(model, variables, dict(zip(labels, masks)), x, key=key, draws=args.draws)
+    study["model"], study["dataset"], study["seed"] = args.model, dataset, seed
+    study["mask_files"] = dict(zip(labels, args.masks))
+    _atomic_write_text(os.path.join(args.out, "spectrum.json"), json.dumps(study, indent=1) + "\n")
+    plot_spectrum(study, os.path.join(args.out, "spectrum.png"))
+    plot_densities(study, os.path.join(args.out, "densities.png"))
+    print(_format_spectrum(study))
+    print(f"spectrum of {args.model} on {args.batch} Gaussian inputs, {args.draws} weight draw(s), "
+          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    return 0
+
+
+def _format_spectrum(study: dict) -> str:
+    n_k = study["config"]["num_examples"] * study["config"]["num_outputs"]
+    lines = ["| mask | density | NTK trace | trace / dense | λ_max | λ_min | condition number | rank |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in study["spectra"].items():
+        lam = r["eigenvalues"]
+        kappa = "inf" if r["condition_number"] is None else f"{r['condition_number']:.3e}"
+        lines.append(f"| {label} | {r['density']:.4f} | {r['trace']:.4e} | {r['relative_trace']:.4f} | {lam[0]:.3e} | "
+                     f"{lam[-1]:.3e} | {kappa} | {r['rank']}/{n_k} |")
+    return "\n".join(lines)
 
 
 def _run_prune(args) -> int:
@@ -325,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "prune":
             return _run_prune(args)
+        if args.command == "validate":
+            return _run_validate(args)
+        if args.command == "spectrum":
+            return _run_spectrum(args)
         raise CliError(f"unknown command {args.command!r}")
     except CliError as e:
         print(f"ntksap-jax: error: {e}", file=sys.stderr)
