@@ -61,13 +61,21 @@ class Estimator(str, enum.Enum):
     JVP = "jvp"
 
 
+#: ``SampleLoop.AUTO`` on accelerators: vmap up to this many inputs per iteration (samples × batch).
+VMAP_MAX_INPUTS = 4096
+
+
 class SampleLoop(str, enum.Enum):
     """How weight samples are looped.
 
     ``SEQUENTIAL``: a host loop over one jitted per-sample step (fast on XLA:CPU, where
     batched-weight convolutions under ``vmap`` and convolutions inside ``lax.map`` bodies
     are 10-40x slower). ``VMAP``: all samples of a batch shape in one ``vmap``-ed call
-    (fewer dispatches; for accelerators). ``AUTO``: sequential on CPU, vmap elsewhere.
+    (fewer dispatches; for accelerators). ``AUTO``: sequential on CPU; on accelerators vmap
+    when one iteration has at most :data:`VMAP_MAX_INPUTS` inputs in all (samples × batch),
+    else sequential. Measured on an H200: ResNet-20 at R=5 × 100 inputs took 0.032 s per
+    iteration under vmap and 0.035 s sequential, while ResNet-50 with 40 samples of 256
+    ImageNet images did not finish under vmap and took 4.9 s sequential.
     """
 
     SEQUENTIAL = "sequential"
@@ -315,10 +323,11 @@ def ntksap_scorer(
         raise ValueError(f"eps must be a positive finite number; got {eps!r}")
     estimator = _choice(Estimator, estimator, "estimator")
     sample_loop = _choice(SampleLoop, sample_loop, "sample_loop")
-    if sample_loop == SampleLoop.AUTO:
-        sample_loop = SampleLoop.SEQUENTIAL if jax.default_backend() == "cpu" else SampleLoop.VMAP
     input_shape = tuple(int(s) for s in input_shape)
     sizes = _batch_sizes(num_inputs, batch_size)
+    if sample_loop == SampleLoop.AUTO:
+        small = samples * num_inputs <= VMAP_MAX_INPUTS
+        sample_loop = SampleLoop.VMAP if jax.default_backend() != "cpu" and small else SampleLoop.SEQUENTIAL
     # (repeat, batch) -> batch size; each pair is one weight sample with its own key.
     plan = [(r, b, n) for r in range(samples) for b, n in enumerate(sizes)]
 
