@@ -11,6 +11,16 @@ Public API (everything else is private)::
                    density=0.8 ** 18, iterations=20, key=jax.random.key(1))
 """
 
+from ntksap_jax.analysis import (
+    SpectrumResult,
+    calibrated_batch_stats,
+    masked_apply_fn,
+    ntk_spectrum,
+    plot_densities,
+    plot_spectrum,
+    spectrum_study,
+)
+from ntksap_jax.validate import ValidationResult, format_validation, validate_ntk
 from ntksap_jax.collapse import max_critical_compression, path_report, unit_report
 from ntksap_jax.distributions import erk_densities, uniform_densities
 from ntksap_jax.sanity import reinit_params, shuffle_masks
@@ -61,6 +71,16 @@ from ntksap_jax.scores import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "SpectrumResult",
+    "calibrated_batch_stats",
+    "masked_apply_fn",
+    "ntk_spectrum",
+    "plot_densities",
+    "plot_spectrum",
+    "spectrum_study",
+    "ValidationResult",
+    "format_validation",
+    "validate_ntk",
     "max_critical_compression",
     "path_report",
     "unit_report",
