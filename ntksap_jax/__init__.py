@@ -21,6 +21,18 @@ from ntksap_jax.analysis import (
     spectrum_study,
 )
 from ntksap_jax.validate import ValidationResult, format_validation, validate_ntk
+from ntksap_jax.presets import PRESETS, Preset, get_preset, list_presets
+from ntksap_jax.train import (
+    TrainResult,
+    TrainState,
+    create_train_state,
+    evaluate,
+    init_model,
+    make_schedule,
+    masked,
+    pruned_weights_are_zero,
+    train,
+)
 from ntksap_jax.collapse import max_critical_compression, path_report, unit_report
 from ntksap_jax.distributions import erk_densities, uniform_densities
 from ntksap_jax.sanity import reinit_params, shuffle_masks
@@ -71,6 +83,19 @@ from ntksap_jax.scores import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
+    "Preset",
+    "get_preset",
+    "list_presets",
+    "TrainResult",
+    "TrainState",
+    "create_train_state",
+    "evaluate",
+    "init_model",
+    "make_schedule",
+    "masked",
+    "pruned_weights_are_zero",
+    "train",
     "SpectrumResult",
     "calibrated_batch_stats",
     "masked_apply_fn",

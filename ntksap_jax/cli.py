@@ -29,7 +29,9 @@ DATASETS = {
     "cifar100": ((32, 32, 3), 100, 100, 1),
     "tiny_imagenet": ((64, 64, 3), 200, 100, 1),
     "imagenet": ((224, 224, 3), 1000, 100, 1),
+    "imagenet2012": ((224, 224, 3), 1000, 100, 1),
     "mnist": ((28, 28, 1), 10, 100, 1),
+    "mnist5k": ((28, 28, 1), 10, 100, 1),
     "digits": ((8, 8, 1), 10, 100, 1),
 }
 
@@ -122,7 +124,46 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="weight draws to average over: 1 (default) uses the init weights; >1 draws fresh kaiming weights")
     s.add_argument("--out", required=True, help="output folder for spectrum.json, spectrum.png, densities.png")
     s.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+
+    t = sub.add_parser(
+        "train",
+        help="train a preset's network (dense, or under a mask from `prune`) and write metrics and checkpoints",
+        description="Train from the same init the mask was pruned on (the init_seed in the report.json beside the "
+        "mask), with the preset's optimiser and schedule. Writes DIR/metrics.jsonl (one line per epoch), "
+        "DIR/checkpoints/ (every epoch) and DIR/train_report.json. Needs the [data] extra for tfds data sets.",
+    )
+    _add_train_args(t)
+    t.add_argument("--masks", default=None, help="masks.npz from `ntksap-jax prune` (default: train the dense network)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+    r = sub.add_parser(
+        "run",
+        help="prune a preset's network, then train the pruned network (and the dense one) from the same init",
+        description="`prune` into DIR (masks.npz, report.json), train the pruned network into DIR/pruned and, "
+        "unless --no-dense, the dense network into DIR/dense; print both accuracies. NTK-SAP uses the preset's "
+        "T and R. SNIP and GraSP score on a labelled batch of 10 x classes training images.",
+    )
+    _add_train_args(r)
+    r.add_argument("--method", default="ntksap",
+                   help="ntksap (default), random, magnitude, snip, iterative_snip, grasp, synflow")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--density", type=float, help="final kept fraction of prunable weights, in (0, 1]")
+    g.add_argument("--sparsity", type=float, help="final pruned fraction, in [0, 1)")
+    r.add_argument("--iterations", type=int, default=None, help="pruning rounds (default: the preset's / method's)")
+    r.add_argument("--no-dense", action="store_true", help="skip training the dense reference")
     return parser
+
+
+def _add_train_args(p) -> None:
+    p.add_argument("--preset", required=True, help="a preset name, e.g. mlp-digits (see ntksap_jax.presets.list_presets())")
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's training batch size")
+    p.add_argument("--seed", type=int, default=None,
+                   help="init, pruning and data-order seed (default: the init_seed of the mask's report.json, else 0)")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory (tfds sets only)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_model_args(p) -> None:
@@ -390,7 +431,171 @@ def _format_spectrum(study: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_prune(args) -> int:
+def _preset_or_error(name: str):
+    from ntksap_jax.presets import get_preset
+
+    try:
+        return get_preset(name)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _check_train_overrides(args) -> None:
+    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if v is not None and v < 1:
+            raise CliError(f"{flag} must be a positive integer; got {v}")
+
+
+def _load_dataset(preset, data_dir):
+    from ntksap_jax.data import DataError, load
+
+    try:
+        return load(preset.dataset, data_dir=data_dir)
+    except DataError as e:
+        raise CliError(str(e)) from None
+
+
+def _train_one(preset, model, variables, masks, dataset, args, out: str, *, resume: bool, label: str) -> dict:
+    """Train one network into ``out``; returns the final metrics row plus the config used."""
+    from ntksap_jax.train import train
+
+    kwargs = preset.train_kwargs()
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    print(f"training {label}: {preset.model} on {preset.dataset}, {kwargs['epochs']} epochs, batch "
+          f"{kwargs['batch_size']}, lr {kwargs['lr']} ({kwargs['schedule']}) -> {out}", file=sys.stderr)
+    try:
+        result = train(model, variables, masks, dataset, seed=args.seed, out_dir=out, resume=resume,
+                       progress=not args.no_progress, **kwargs)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    final = dict(result.history[-1]) if result.history else {}
+    report = {"preset": preset.name, "label": label, "epochs_done": result.epoch, "final": final,
+              "train_config": kwargs, "seed": args.seed}
+    _atomic_write_text(os.path.join(out, "train_report.json"), json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _run_train(args) -> int:
+    preset = _preset_or_error(args.preset)
+    _check_train_overrides(args)
+    report = _read_report_beside(args.masks) if args.masks else None
+    if args.masks:
+        if not os.path.isfile(args.masks):
+            raise CliError(f"mask file {args.masks!r} does not exist (expected the masks.npz written by `ntksap-jax prune`)")
+        if report is not None and report.get("model") not in (None, preset.model):
+            raise CliError(f"{args.masks} was pruned for model {report.get('model')!r} (its report.json says so), "
+                           f"but preset {preset.name} trains {preset.model!r}")
+    if args.seed is None:
+        args.seed = int((report or {}).get("config", {}).get("init_seed", 0))
+    if args.resume:
+        if not os.path.isdir(args.out):
+            raise CliError(f"--resume: {args.out!r} does not exist; nothing to resume")
+    else:
+        _prepare_out(args.out, args.overwrite)
+        _clear_training_outputs(args.out)
+    dataset = _load_dataset(preset, args.data_dir)
+
+    import jax
+    from ntksap_jax.masks import load_masks
+    from ntksap_jax.train import init_model
+
+    model = preset.build_model()
+    variables, _ = init_model(model, preset.input_shape, args.seed)
+    masks = None
+    if args.masks:
+        try:
+            masks = load_masks(args.masks, jax.eval_shape(lambda: variables["params"]))
+        except ValueError as e:
+            raise CliError(f"{e} (is it a mask for preset {preset.name}, model {preset.model}?)") from None
+        masks = load_masks(args.masks, variables["params"])
+    label = "pruned" if masks is not None else "dense"
+    out = _train_one(preset, model, variables, masks, dataset, args, args.out, resume=args.resume, label=label)
+    print(_format_accuracy({label: out}))
+    return 0
+
+
+def _clear_training_outputs(folder: str) -> None:
+    """Remove what a previous training run wrote in ``folder`` (only after --overwrite was checked)."""
+    import shutil
+
+    from ntksap_jax.train import CHECKPOINT_DIR, METRICS_FILE
+
+    if os.path.isdir(os.path.join(folder, CHECKPOINT_DIR)):
+        shutil.rmtree(os.path.join(folder, CHECKPOINT_DIR))
+    for name in (METRICS_FILE, "train_report.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.unlink(os.path.join(folder, name))
+
+
+def _format_accuracy(reports: dict) -> str:
+    lines = ["| network | density | epochs | test top-1 | test loss |", "|---|---|---|---|---|"]
+    for label, r in reports.items():
+        f = r["final"]
+        top1 = f"{100 * f['test_top1']:.2f}%" if "test_top1" in f else "–"
+        loss = f"{f['test_loss']:.4f}" if "test_loss" in f else "–"
+        lines.append(f"| {label} | {f.get('density', 1.0):.4f} | {r['epochs_done']} | {top1} | {loss} |")
+    return "\n".join(lines)
+
+
+def _run_run(args) -> int:
+    preset = _preset_or_error(args.preset)
+    _check_train_overrides(args)
+    if args.seed is None:
+        args.seed = 0
+    dataset = _load_dataset(preset, args.data_dir)
+    stem = dict(preset.model_kwargs).get("stem")
+    iterations = args.iterations
+    if iterations is None and args.method == "ntksap":
+        iterations = preset.ntksap_iterations
+    prune_args = argparse.Namespace(
+        model=preset.model, dataset=preset.dataset, method=args.method, density=args.density, sparsity=args.sparsity,
+        iterations=iterations, samples=preset.ntksap_samples if args.method == "ntksap" else None,
+        num_inputs=preset.ntksap_num_inputs, batch_size=256, eps=0.01, estimator="finite_difference",
+        sample_loop="auto", schedule="exponential", distribution="global", invert=False, shuffle=False, reinit=False,
+        float64=False, stem=stem, seed=args.seed, out=args.out, overwrite=args.overwrite, no_progress=args.no_progress,
+    )
+    data = None
+    if args.method in DATA_METHODS:  # a real labelled batch: 10 x classes training images
+        import numpy as np
+
+        n = min(preset.ntksap_num_inputs, dataset.info.num_train)
+        batch = next(iter(dataset.train_batches(n, seed=args.seed, epoch=0)))
+        data = (np.asarray(batch["image"]), np.asarray(batch["label"]))
+    code = _run_prune(prune_args, data=data)
+    if code != 0:
+        return code
+
+    from ntksap_jax.masks import load_masks
+    from ntksap_jax.train import init_model
+
+    model = preset.build_model()
+    variables, _ = init_model(model, preset.input_shape, args.seed)
+    masks = load_masks(os.path.join(args.out, "masks.npz"), variables["params"])
+    reports = {}
+    if not args.no_dense:
+        dense_dir = os.path.join(args.out, "dense")
+        _prepare_out(dense_dir, True)
+        _clear_training_outputs(dense_dir)
+        reports["dense"] = _train_one(preset, model, variables, None, dataset, args, dense_dir, resume=False,
+                                      label="dense")
+    pruned_dir = os.path.join(args.out, "pruned")
+    _prepare_out(pruned_dir, True)
+    _clear_training_outputs(pruned_dir)
+    reports[f"{args.method} pruned"] = _train_one(preset, model, variables, masks, dataset, args, pruned_dir,
+                                                  resume=False, label=f"{args.method} pruned")
+    summary = {label: {"density": r["final"].get("density"), "test_top1": r["final"].get("test_top1")}
+               for label, r in reports.items()}
+    _atomic_write_text(os.path.join(args.out, "run_report.json"),
+                       json.dumps({"preset": preset.name, "method": args.method, "seed": args.seed,
+                                   "results": summary}, indent=1) + "\n")
+    print(_format_accuracy(reports))
+    return 0
+
+
+def _run_prune(args, data=None) -> int:
     resolved = _resolve(args)
     _prepare_out(args.out, args.overwrite)
 
@@ -413,9 +618,13 @@ def _run_prune(args) -> int:
     init_key, prune_key = jax.random.split(jax.random.key(args.seed))
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32), train=False))(init_key)
     params, batch_stats = variables["params"], variables.get("batch_stats")
+    scorer_kwargs = dict(config["scorer"])
+    if data is not None and args.method in DATA_METHODS:
+        scorer_kwargs["data"] = (jnp.asarray(data[0]), jnp.asarray(data[1]))
+        config["scorer_data"] = f"{len(data[1])} labelled training images"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        score_fn = get_scorer(args.method)(model, shape, **config["scorer"])
+        score_fn = get_scorer(args.method)(model, shape, **scorer_kwargs)
     for w in caught:  # e.g. "snip: no labelled batch given; scoring on Gaussian inputs with random labels"
         print(f"ntksap-jax: note: {w.message}", file=sys.stderr)
 
@@ -509,6 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_validate(args)
         if args.command == "spectrum":
             return _run_spectrum(args)
+        if args.command == "train":
+            return _run_train(args)
+        if args.command == "run":
+            return _run_run(args)
         raise CliError(f"unknown command {args.command!r}")
     except CliError as e:
         print(f"ntksap-jax: error: {e}", file=sys.stderr)
