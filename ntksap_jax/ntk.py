@@ -143,18 +143,36 @@ def empirical_ntk(
     return prods.reshape(n1, k, n2, k).transpose(0, 2, 1, 3)
 
 
-def ntk_trace(apply_fn: ApplyFn, params: PyTree, x: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
+def ntk_trace(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    per_example: bool = False,
+) -> jax.Array:
     """Exact ``tr Θ(x, x) = ‖J‖²_F`` without forming the Gram matrix.
 
     One ``jax.vjp`` linearisation, then ``vmap`` of the VJP over the ``N·K`` one-hot
     cotangents; only the squared norms are kept.
 
+    Warning — cost: each of the ``N·K`` cotangents runs a backward pass through the *whole*
+    batch, so the default costs ``O(N²·K)`` example-backward passes (it must, for
+    batch-coupled models such as train-mode BatchNorm). When examples are independent
+    (eval-mode BatchNorm, MLPs, convnets), pass ``per_example=True``: each example's trace is
+    computed on that example alone (``vmap`` over examples) and summed, ``O(N·K)`` passes.
+    Measured on 2 CPU cores (``benchmarks/ntk_trace.py``): ResNet-20 at N = 8, 5.4 s by default
+    against 0.38 s one example at a time; neural-tangents' Jacobian contraction took 0.84 s.
+
     Args:
       apply_fn: ``apply_fn(params, x) -> (N, K)``.
       params: pytree of arrays.
       x: inputs ``(N, ...)``.
-      chunk_size: if given, process the ``N·K`` cotangents in chunks of this many with
-        ``lax.map`` (bounds memory at ``chunk_size · P``); ``None`` does all at once.
+      chunk_size: if given, process the ``N·K`` cotangents (``K`` with ``per_example``) in
+        chunks of this many with ``lax.map`` (bounds memory at ``chunk_size · P``); ``None``
+        does all at once.
+      per_example: treat ``apply_fn`` as per-example (output ``i`` depends on ``x[i]`` only)
+        and sum single-example traces. Wrong for batch-coupled models.
 
     Returns:
       A scalar.
@@ -162,7 +180,11 @@ def ntk_trace(apply_fn: ApplyFn, params: PyTree, x: jax.Array, *, chunk_size: in
     Example::
 
       tr = ntk_trace(lambda p, x: model.apply({"params": p}, x), params, x)
+      tr = ntk_trace(eval_mode_apply_fn, params, x, per_example=True)   # N times fewer FLOPs
     """
+    if per_example:
+        one = lambda xi: ntk_trace(apply_fn, params, xi[None], chunk_size=chunk_size)  # noqa: E731
+        return jnp.sum(jax.vmap(one)(x))
     out, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
     n, k = _check_output(out)
 
@@ -265,9 +287,12 @@ def ntk_trace_finite_difference(
 
     To first order this is ``ε² ‖J v‖²``, so ``E[result] / ε² → tr Θ`` as ``ε → 0``.
     Warning: it is *not* small-ε at the paper's ``ε = 0.01`` for kaiming-initialised nets
-    (weights of a 3072-wide layer have std 0.026): measured biases of −10% (MLP) and
-    +16% (ResNet-20) against ``ε² tr Θ``. :func:`jvp_squared_norm` is the exact
-    first-order form at the same cost.
+    (weights of a 3072-wide layer have std 0.026). Measured against the jvp form on the same
+    probes (``benchmarks/trace_estimators.py``, 300 probes, ± s.e.): a 512-512 ReLU MLP −7.7% ±
+    0.3% at ``ε = 0.01`` and −1.35% ± 0.1% at ``1e-3``, the same in float32 and float64 (ReLU
+    kinks, not rounding; the bias shrinks like ε, not ε²); ResNet-20 +0.9% ± 2.3% at ``0.01``,
+    −11% at ``3e-3``, −4.8% at ``1e-3``. :func:`jvp_squared_norm` is the exact first-order form
+    at the same cost.
 
     Args:
       apply_fn: ``apply_fn(params, x) -> (N, K)``.

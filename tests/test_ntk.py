@@ -83,6 +83,25 @@ def test_ntk_trace_matches_oracle_float64(x64, case):
     assert abs(chunked - want) / want < 1e-10
 
 
+@pytest.mark.parametrize("case", ["mlp", "cnn_strided"])
+def test_per_example_trace_matches_oracle_float64(x64, case):
+    apply_fn, params, x = CASES[case](jax.random.key(0))
+    want = float(jnp.einsum("iiaa->", oracle_ntk(apply_fn, params, x, x)))
+    got = float(jax.jit(lambda p, xb: ntk_trace(apply_fn, p, xb, per_example=True))(params, x))
+    assert abs(got - want) / want < 1e-10
+    assert abs(float(ntk_trace(apply_fn, params, x, per_example=True, chunk_size=2)) - want) / want < 1e-10
+
+
+def test_per_example_trace_is_wrong_for_batch_coupled_models(x64):
+    """A model whose outputs mix examples: the per-example shortcut must differ from the oracle."""
+    w = jnp.arange(12.0).reshape(4, 3) / 10
+    apply_fn = lambda p, xb: jnp.tanh(xb @ p) + jnp.mean(xb @ p, axis=0)  # noqa: E731
+    x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+    want = float(jnp.einsum("iiaa->", oracle_ntk(apply_fn, w, x, x)))
+    assert abs(float(ntk_trace(apply_fn, w, x)) - want) / want < 1e-10
+    assert abs(float(ntk_trace(apply_fn, w, x, per_example=True)) - want) / want > 1e-3
+
+
 def test_linear_model_kernel_is_hand_derived(x64):
     # f(x) = x W: Θ[i, j, a, b] = δ_ab <x_i, x_j>, tr Θ = K ‖X‖²_F.
     w = jax.random.normal(jax.random.key(0), (5, 3), jnp.float64)
