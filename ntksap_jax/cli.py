@@ -21,6 +21,8 @@ import time
 import warnings
 from typing import Sequence
 
+from ntksap_jax._io import atomic_write_text
+
 __all__ = ["main", "DATASETS"]
 
 # name -> (example shape HWC, classes, official NTK-SAP iterations T, weight repeats R)
@@ -175,18 +177,6 @@ def _add_model_args(p) -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="init and input seed (default: the init_seed in the report.json beside the first mask file, "
                    "so the weights are the ones that were pruned; else 0)")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
@@ -410,7 +400,7 @@ def _run_spectrum(args) -> int:
     study = spectrum_study(model, variables, dict(zip(labels, masks)), x, key=key, draws=args.draws)
     study["model"], study["dataset"], study["seed"] = args.model, dataset, seed
     study["mask_files"] = dict(zip(labels, args.masks))
-    _atomic_write_text(os.path.join(args.out, "spectrum.json"), json.dumps(study, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.out, "spectrum.json"), json.dumps(study, indent=1) + "\n")
     plot_spectrum(study, os.path.join(args.out, "spectrum.png"))
     plot_densities(study, os.path.join(args.out, "densities.png"))
     print(_format_spectrum(study))
@@ -474,7 +464,7 @@ def _train_one(preset, model, variables, masks, dataset, args, out: str, *, resu
     final = dict(result.history[-1]) if result.history else {}
     report = {"preset": preset.name, "label": label, "epochs_done": result.epoch, "final": final,
               "train_config": kwargs, "seed": args.seed}
-    _atomic_write_text(os.path.join(out, "train_report.json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(os.path.join(out, "train_report.json"), json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -588,7 +578,7 @@ def _run_run(args) -> int:
                                                   resume=False, label=f"{args.method} pruned")
     summary = {label: {"density": r["final"].get("density"), "test_top1": r["final"].get("test_top1")}
                for label, r in reports.items()}
-    _atomic_write_text(os.path.join(args.out, "run_report.json"),
+    atomic_write_text(os.path.join(args.out, "run_report.json"),
                        json.dumps({"preset": preset.name, "method": args.method, "seed": args.seed,
                                    "results": summary}, indent=1) + "\n")
     print(_format_accuracy(reports))
@@ -683,7 +673,7 @@ def _run_prune(args, data=None) -> int:
         },
     }
     save_masks(os.path.join(args.out, "masks.npz"), masks)
-    _atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1) + "\n")
     print(format_report(rows))
     print(
         f"{args.method} on {args.model}: kept {kept:,} of {total:,} prunable weights "

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -42,6 +41,7 @@ import optax
 from flax import serialization
 from flax.training import train_state
 
+from ntksap_jax._io import atomic_write_text
 from ntksap_jax.masks import apply_masks, check_structure, count_kept, count_total
 
 __all__ = [
@@ -549,18 +549,6 @@ class TrainResult(NamedTuple):
     epoch: int
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read_metrics(path: str) -> list:
     if not os.path.exists(path):
         return []
@@ -577,7 +565,7 @@ def _read_metrics(path: str) -> list:
 
 
 def _write_metrics(path: str, rows: list) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _checkpoint_tree(state: TrainState) -> dict:
