@@ -73,6 +73,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import operator
@@ -234,7 +235,7 @@ def _pad_batch(image: np.ndarray, label: np.ndarray, batch_size: int) -> dict:
 # Datasets.
 
 
-class Dataset:
+class Dataset(abc.ABC):
     """A loaded data set: ``info`` plus deterministic epochs of training batches and eval batches.
 
     Made by :func:`load`. Batches are dicts ``{"image": float32 (B, H, W, C), "label": int32 (B,),
@@ -269,6 +270,7 @@ class Dataset:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
 
+    @abc.abstractmethod
     def train_batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator[dict]:
         """One training epoch: ``steps_per_epoch(batch_size)`` full, shuffled, augmented batches.
 
@@ -293,6 +295,7 @@ class Dataset:
         """
         raise NotImplementedError
 
+    @abc.abstractmethod
     def eval_batches(self, batch_size: int, *, split: str = "test") -> Iterator[dict]:
         """Every example of ``split`` exactly once, in a fixed order, without augmentation.
 
