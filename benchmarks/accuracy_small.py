@@ -35,7 +35,6 @@ import platform
 import statistics
 import sys
 import time
-import uuid
 import warnings
 
 PRESET_BY_DATASET = {"digits": "mlp-digits", "mnist5k": "lenet300-mnist5k"}
@@ -56,35 +55,11 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------ files
 
 
-def _tmp_beside(path: str) -> str:
-    # not tempfile.mkstemp: its 0600 mode would stick to the file; "x" mode honours the umask
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    path = os.path.abspath(path)
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from ntksap_jax._io import atomic_write, atomic_write_text  # noqa: E402
 
 
 def atomic_save_png(fig, path: str) -> None:
-    path = os.path.abspath(path)
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), binary=True)
 
 
 # ------------------------------------------------------------------------------------------ stats

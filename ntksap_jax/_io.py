@@ -10,12 +10,31 @@ from __future__ import annotations
 import os
 import uuid
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text"]
 
 
 def _tmp_beside(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, write, *, binary: bool = False) -> None:
+    """Call ``write(f)`` on a temp file beside ``path``, then move it onto ``path``.
+
+    Example::
+
+      atomic_write("plot.png", lambda f: fig.savefig(f, format="png"), binary=True)
+    """
+    path = os.fspath(path)
+    tmp = _tmp_beside(path)
+    try:
+        with open(tmp, "xb" if binary else "x") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -25,13 +44,4 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
       atomic_write_text("run/report.json", json.dumps(report) + "\\n")
     """
-    path = os.fspath(path)
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "x") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text))

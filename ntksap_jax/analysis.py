@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from ntksap_jax._io import atomic_write
 from ntksap_jax.masks import apply_masks, check_structure, density_report, init_masks, masked_density
 from ntksap_jax.models import module_order
 from ntksap_jax.scores.ntksap import bn_statistics, kaiming_normal_reinit
@@ -497,17 +497,7 @@ def _figure(figsize):
 
 def _save_atomic(fig, path) -> None:
     """``fig`` as a PNG at ``path``: a temp file in the same folder, then ``os.replace``."""
-    path = os.path.abspath(os.fspath(path))
-    # not tempfile.mkstemp: its 0600 mode would stick to the PNG; "xb" honours the umask
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=150)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150), binary=True)
 
 
 def _colours(labels: list[str]) -> dict[str, Any]:
