@@ -42,6 +42,8 @@ from typing import Union
 
 import flax.linen as nn
 
+from ntksap_jax.conv import conv_general_dilated
+
 #: Kaiming-normal (fan_in, gain sqrt(2)), plain normal: PyTorch's
 #: ``nn.init.kaiming_normal_(w)`` with its defaults.
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -80,7 +82,9 @@ def conv(
     Input (N, H, W, C_in) -> output (N, H', W', features) with
     ``H' = (H + 2 * padding - kernel_size) // stride + 1`` exactly as PyTorch.
     The kernel has shape (kernel_size, kernel_size, C_in, features) (HWIO);
-    the bias (if any) is zero-initialised.  Must be called inside a
+    the bias (if any) is zero-initialised.  The convolution is
+    :func:`ntksap_jax.conv.conv_general_dilated`: ``lax.conv_general_dilated``'s
+    values, with a weight gradient that is 2-10x faster on XLA:CPU.  Must be called inside a
     ``@nn.compact`` method (the layer is bound to the calling module).
 
     Example:
@@ -97,6 +101,7 @@ def conv(
         kernel_init=kaiming_normal,
         bias_init=nn.initializers.zeros,
         name=name,
+        conv_general_dilated=conv_general_dilated,
     )
 
 
