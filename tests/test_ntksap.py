@@ -3,6 +3,7 @@ draws, its BatchNorm handling, and its compile-once behaviour."""
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,13 @@ import pytest
 from conftest import to_f64
 from ntksap_jax import apply_masks, count_total, get_model, init_masks, ntksap_objective, ntksap_scorer, prune
 from ntksap_jax.models import LotteryResNet
-from ntksap_jax.scores import bn_statistics, kaiming_normal_reinit, ntksap_sample_draws, ntksap_sample_gradient
+from ntksap_jax.scores import (
+    apply_with_batch_statistics,
+    bn_statistics,
+    kaiming_normal_reinit,
+    ntksap_sample_draws,
+    ntksap_sample_gradient,
+)
 
 
 # ---------------------------------------------------------------- hand-written reference net
@@ -164,6 +171,46 @@ def test_sample_gradient_freezes_bn_statistics_float64(x64, small_resnet):
         worst_moving = max(worst_moving, abs(moving - g) / abs(g))
     # ...and the frozen-statistics gradient really differs from differentiating through the statistics.
     assert worst_moving > 1e-3
+
+
+@pytest.mark.parametrize("estimator", ["finite_difference", "jvp"])
+def test_one_pass_statistics_equal_the_separate_train_mode_pass_float64(x64, small_resnet, estimator):
+    """apply_with_batch_statistics (statistics taken during the forward pass) against the
+    two-pass reference: a train-mode pass with momentum 0, then eval mode with those statistics."""
+    model, params, batch_stats = small_resnet
+    params, batch_stats = to_f64(params), to_f64(batch_stats)
+    masks = init_masks(params)
+    key = jax.random.key(7)
+    theta, x, z = ntksap_sample_draws(key, params, masks, (6, 8, 8, 3))
+    masked = apply_masks(theta, masks)
+    ref_stats = bn_statistics(model, masked, batch_stats, x)
+    y, stats = apply_with_batch_statistics(model, masked, batch_stats, x)
+    for a, b in zip(jax.tree.leaves(ref_stats), jax.tree.leaves(stats)):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(y, model.apply({"params": masked, "batch_stats": ref_stats}, x), rtol=1e-12, atol=1e-12)
+
+    def reference(m):
+        frozen = bn_statistics(model, apply_masks(theta, m), batch_stats, x)
+        apply_fn = lambda p, xb: model.apply({"params": p, "batch_stats": frozen}, xb, train=False)  # noqa: E731
+        return ntksap_objective(apply_fn, theta, m, z, x, estimator=estimator)
+
+    want = jax.jit(jax.grad(reference))(masks)
+    got = jax.jit(lambda m: ntksap_sample_gradient(model, params, m, batch_stats, key, (6, 8, 8, 3), estimator=estimator))(masks)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(a))))
+
+
+def test_one_pass_statistics_reject_statistics_no_batchnorm_owns():
+    class OwnNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            mean = self.variable("batch_stats", "mean", jnp.zeros, (x.shape[-1],))
+            return nn.Dense(3)(x.reshape(x.shape[0], -1) - mean.value.mean())
+
+    model = OwnNorm()
+    v = model.init(jax.random.key(0), jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"batch_stats entries \['<root>'\] were not set by an nn.BatchNorm"):
+        apply_with_batch_statistics(model, v["params"], v["batch_stats"], jnp.ones((2, 4)))
 
 
 def test_draws_are_fresh_kaiming_weights_and_gaussian_inputs():

@@ -23,6 +23,7 @@ from ntksap_jax.scores.grasp import grasp_scorer
 from ntksap_jax.scores.ntksap import (
     Estimator,
     SampleLoop,
+    apply_with_batch_statistics,
     bn_statistics,
     kaiming_normal_reinit,
     ntksap_objective,
@@ -49,6 +50,7 @@ __all__ = [
     "ntksap_objective",
     "ntksap_sample_draws",
     "ntksap_sample_gradient",
+    "apply_with_batch_statistics",
     "bn_statistics",
     "kaiming_normal_reinit",
     "Estimator",
