@@ -10,8 +10,8 @@ scores are weight(-mask) gradients, so this one operation was most of the prunin
 :func:`conv_general_dilated` computes the same convolution. Its forward pass and input
 gradient are ``lax.conv_general_dilated``'s; it differs only in how the *weight
 tangent* ``conv(x, dw)`` is written: on CPU as a sum over the ``kh·kw`` kernel taps of
-``shifted_x @ dw[i, j]`` (one matmul per tap), whose transpose, the weight gradient,
-is ``kh·kw`` matmuls ``shifted_xᵀ @ g``; on other backends (cuDNN, TPU) as
+``x @ dw[i, j]`` shifted by the tap's offset (one matmul per tap), whose transpose, the
+weight gradient, is ``kh·kw`` matmuls ``xᵀ @ shifted_g``; on other backends (cuDNN, TPU) as
 ``lax.conv_general_dilated`` itself. The choice is made when the computation is lowered
 (``lax.platform_dependent``), so one jitted function is right on every backend.
 
@@ -116,27 +116,29 @@ def _lax_conv(x, w, strides, pads, precision):
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision)
 
 
-def _taps(x, kernel_hw, out_hw, strides, pads):
-    """The ``kh·kw`` shifted (and strided) views of the padded input, each ``(N, H', W', C)``."""
-    n, _, _, c = x.shape
-    (kh, kw), (ho, wo), (sh, sw) = kernel_hw, out_hw, strides
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    return [
-        lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-
-
 def _weight_tangent_taps(x, dw, strides, pads, precision, out_hw):
-    """``conv(x, dw)`` as a sum of one matmul per kernel tap (transposes to matmuls)."""
+    """``conv(x, dw)`` as a sum over kernel taps of ``(x_pad @ dw[i, j])`` shifted by ``(i, j)``.
+
+    The shift (a strided slice) acts on each matmul's *output*, so the function's only
+    non-linear input is ``x_pad``: reverse mode keeps ``x_pad`` and, in the transpose, pads
+    the cotangent into place for each tap (``dw[i, j] = x_padᵀ @ shifted g``). Slicing ``x``
+    instead (im2col) made XLA keep ``kh·kw`` shifted copies of every activation for the
+    backward pass: 1.39 GB of temporaries for one ResNet-20 weight sample of 100 inputs
+    against 0.50 GB this way (``compiled.memory_analysis()``), at the same speed.
+    """
     kh, kw, c, o = dw.shape
     n = x.shape[0]
+    (ho, wo), (sh, sw) = out_hw, strides
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    hp, wp = xp.shape[1:3]
+    flat = xp.reshape(-1, c)
     out = None
-    for t, xs in enumerate(_taps(x, (kh, kw), out_hw, strides, pads)):
-        term = jnp.dot(xs.reshape(-1, c), dw[t // kw, t % kw], precision=precision)
-        out = term if out is None else out + term
-    return out.reshape(n, *out_hw, o)
+    for i in range(kh):
+        for j in range(kw):
+            z = jnp.dot(flat, dw[i, j], precision=precision).reshape(n, hp, wp, o)
+            term = lax.slice(z, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, o), (1, sh, sw, 1))
+            out = term if out is None else out + term
+    return out
 
 
 def _weight_tangent(x, dw, strides, pads, precision, out_hw):
