@@ -130,13 +130,19 @@ def _weight_tangent_taps(x, dw, strides, pads, precision, out_hw):
     n = x.shape[0]
     (ho, wo), (sh, sw) = out_hw, strides
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    hp, wp = xp.shape[1:3]
-    flat = xp.reshape(-1, c)
+    # Strided convolutions: tap (i, j) only reads the input phase (i mod sh, j mod sw), so each
+    # matmul runs on that phase (1/(sh·sw) of the grid), at offset (i // sh, j // sw).
+    phases = {}
     out = None
     for i in range(kh):
         for j in range(kw):
-            z = jnp.dot(flat, dw[i, j], precision=precision).reshape(n, hp, wp, o)
-            term = lax.slice(z, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, o), (1, sh, sw, 1))
+            a, b = i % sh, j % sw
+            if (a, b) not in phases:
+                phase = xp[:, a::sh, b::sw, :]
+                phases[a, b] = (phase.reshape(-1, c), phase.shape[1:3])
+            flat, (hq, wq) = phases[a, b]
+            z = jnp.dot(flat, dw[i, j], precision=precision).reshape(n, hq, wq, o)
+            term = lax.slice(z, (0, i // sh, j // sw, 0), (n, i // sh + ho, j // sw + wo, o))
             out = term if out is None else out + term
     return out
 
