@@ -1,13 +1,27 @@
-"""Seconds per NTK-SAP pruning iteration, compile seconds and peak RSS, printed as JSON.
+"""NTK-SAP pruning speed: seconds per iteration, compile seconds, peak RSS, FLOPs and GFLOP/s.
 
-Default: ResNet-20 at the official setting (T=20 iterations, R=5 weight samples, 100
-Gaussian inputs, eps=0.01, density 0.8^18). For reference, on the project's 2-core CPU
-machine the official PyTorch code takes about 2.5 s per iteration (57 s in all, 0.9 GB).
+For each preset (model + official NTK-SAP setting) this runs, in a fresh subprocess (so peak
+RSS and compile time are per configuration), NTK-SAP pruning for some iterations of the real
+exponential schedule after one compiling call, and reports:
 
-    python benchmarks/prune_speed.py                       # the official setting
-    python benchmarks/prune_speed.py --iterations 3        # quicker look
-    python benchmarks/prune_speed.py --compare-loops       # sequential vs vmap sample loop
+* median and min seconds per iteration (after warm-up), compile seconds (first call minus a
+  steady call), the projected total for all ``T`` iterations (compile + T × median);
+* peak RSS of the process (``ru_maxrss``) and, on GPUs, peak device memory;
+* FLOPs of one iteration from XLA's cost analysis of the lowered per-sample step(s) (times
+  the number of weight samples), and achieved GFLOP/s; on CPU only, because XLA's GPU cost
+  analysis undercounts convolutions (cuDNN custom calls) by orders of magnitude;
+* the machine's measured peak: a large float32 matmul timed in the same run (before and after
+  the configurations; the larger is reported), and each configuration's fraction of it.
 
+ResNet-20 (``resnet20-cifar10``): T=20, R=5, 100 Gaussian inputs, eps=0.01; the official
+PyTorch code takes about 2.5 s per iteration (57 s in all, 0.9 GB peak RSS) on the project's
+2-core CPU. VGG-16 (``vgg16-cifar100``): T=100, R=1, 1,000 inputs in batches of 256.
+
+    python benchmarks/prune_speed.py                                  # both presets, JSON + Markdown
+    python benchmarks/prune_speed.py --presets resnet20-cifar10 --iterations 20
+    python benchmarks/prune_speed.py --estimators finite_difference jvp --sample-loops sequential vmap
+
+Writes ``benchmarks/results/prune_speed_<backend>.json`` and ``.md`` (``--out`` to change).
 Timings are of this machine in this run; compare ratios measured in one run.
 """
 
@@ -15,117 +29,216 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+OFFICIAL = {"resnet20-cifar10": {"seconds_per_iteration": 2.5, "seconds_total": 57.0, "peak_rss_gb": 0.9,
+                                 "note": "official NTK-SAP (PyTorch), torch 2.13 CPU, 2 threads, the project's 2-core CPU"}}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def peak_rss_gb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
 
 
-def setup(model_name: str, dataset_shape, classes: int):
+def matmul_peak_gflops(size: int, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of a ``size``×``size`` float32 matmul under jit."""
     import jax
     import jax.numpy as jnp
 
-    from ntksap_jax import get_model
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
 
-    model = get_model(model_name, classes)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *dataset_shape), jnp.float32)))(jax.random.key(0))
-    return model, variables["params"], variables.get("batch_stats")
+
+def _flops(lowered) -> float:
+    """XLA's FLOP count of a lowered computation, NaN where the backend gives none.
+
+    Counted on the lowered (pre-backend) HLO where possible: after compilation for GPU the
+    convolutions are cuDNN custom calls, which XLA's cost analysis counts as 0 FLOPs.
+    """
+    for get in (lambda: lowered.cost_analysis(), lambda: lowered.compile().cost_analysis()):
+        try:
+            cost = get()
+        except Exception:  # noqa: BLE001 - a backend without cost analysis
+            continue
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        if cost and "flops" in cost:
+            return float(cost["flops"])
+    return float("nan")
 
 
-def time_prune(args) -> dict:
+def run_config(cfg: dict) -> dict:
+    """One configuration, in this process: compile, time ``cfg['iterations']`` pruning rounds."""
     import jax
+    import jax.numpy as jnp
 
-    from ntksap_jax import count_kept, init_masks, ntksap_scorer, prune
+    from ntksap_jax import count_kept, get_preset, init_masks, ntksap_scorer, prune
+    from ntksap_jax.scores.ntksap import _batch_sizes
 
-    model, params, batch_stats = setup(args.model, (32, 32, 3), 10)
-    score = ntksap_scorer(model, (32, 32, 3), samples=args.samples, num_inputs=args.num_inputs, eps=args.eps,
-                          estimator=args.estimator, sample_loop=args.sample_loop)
+    preset = get_preset(cfg["preset"])
+    model = preset.build_model()
+    shape = tuple(preset.input_shape)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape), jnp.float32)))(jax.random.key(0))
+    params, batch_stats = variables["params"], variables.get("batch_stats")
+    samples, num_inputs, batch_size = preset.ntksap_samples, preset.ntksap_num_inputs, cfg["batch_size"]
+    score = ntksap_scorer(model, shape, samples=samples, num_inputs=num_inputs, batch_size=batch_size,
+                          estimator=cfg["estimator"], sample_loop=cfg["sample_loop"])
     masks = init_masks(params)
-    # Compile (and run once) outside the timed loop: compile seconds = first call - a steady call.
+
     t0 = time.perf_counter()
     jax.block_until_ready(score(params, masks, batch_stats, jax.random.key(123)))
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     jax.block_until_ready(score(params, masks, batch_stats, jax.random.key(124)))
     steady = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = prune(score, params, masks, density=args.density, iterations=args.iterations, key=jax.random.key(args.seed),
+
+    # FLOPs of one iteration: XLA's count for each compiled per-sample step, times its uses.
+    sizes = _batch_sizes(num_inputs, batch_size)
+    key = jax.random.key(0)
+    if jax.default_backend() != "cpu":
+        # XLA's GPU cost analysis (jax 0.11.2) counted ResNet-50's 10,000-image iteration as
+        # 5.9 TFLOP where the convolutions alone are about 490 TFLOP: not reported.
+        flops = float("nan")
+    elif hasattr(score, "steps"):
+        acc = jax.tree.map(jnp.zeros_like, masks)
+        per_size = {n: _flops(step.lower(acc, params, masks, batch_stats, key))
+                    for n, step in score.steps.items()}
+        flops = samples * sum(per_size[n] for n in sizes)
+    else:
+        flops = _flops(score.lower(params, masks, batch_stats, key))
+
+    T = preset.ntksap_iterations
+    k = min(cfg["iterations"] or T, T)
+    final = 0.8 ** 18  # 1.8% density, the issue's reference run; the first k rounds of its T-round schedule
+    result = prune(score, params, masks, density=final ** (k / T), iterations=k, key=jax.random.key(0),
                    batch_stats=batch_stats)
-    total = time.perf_counter() - t0
-    per_iter = [row["seconds"] for row in result.history]
-    return {
-        "benchmark": "prune_speed",
-        "model": args.model,
-        "method": "ntksap",
-        "iterations": args.iterations,
-        "samples": args.samples,
-        "num_inputs": args.num_inputs,
-        "eps": args.eps,
-        "estimator": args.estimator,
-        "sample_loop": args.sample_loop,
-        "density_target": args.density,
-        "density_actual": count_kept(result.masks) / sum(int(m.size) for m in jax.tree.leaves(result.masks)),
-        "seconds_per_iteration_median": statistics.median(per_iter),
-        "seconds_per_iteration_min": min(per_iter),
-        "seconds_prune_total": total,
+    secs = [row["seconds"] for row in result.history]
+    med = statistics.median(secs)
+    out = {
+        **cfg,
+        "model": preset.model,
+        "T": T, "R": samples, "num_inputs": num_inputs, "weight_samples_per_iteration": samples * len(sizes),
+        "iterations_timed": k,
+        "density_after_timed": count_kept(result.masks) / sum(int(m.size) for m in jax.tree.leaves(result.masks)),
+        "seconds_per_iteration_median": med,
+        "seconds_per_iteration_min": min(secs),
         "compile_seconds": first - steady,
+        "projected_total_seconds": (first - steady) + T * med,
         "peak_rss_gb": peak_rss_gb(),
-        "official_pytorch_reference": {"seconds_per_iteration": 2.5, "seconds_total": 57, "peak_rss_gb": 0.9,
-                                       "note": "official NTK-SAP, torch 2.13 CPU, 2 threads, same 2-core machine"},
-        "ratio_official_over_ours_per_iteration": 2.5 / statistics.median(per_iter),
+        "gflop_per_iteration": flops / 1e9,
+        "gflops_achieved": flops / 1e9 / med,
         "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "machine": platform.machine(),
+        "device": str(jax.devices()[0].device_kind),
     }
-
-
-def compare_loops(args) -> dict:
-    """One scoring call with R weight samples in each sample-loop mode (after compiling)."""
-    import jax
-
-    from ntksap_jax import init_masks, ntksap_scorer
-
-    model, params, batch_stats = setup(args.model, (32, 32, 3), 10)
-    masks = init_masks(params)
-    out = {"benchmark": "sample_loop", "model": args.model, "samples": args.samples, "num_inputs": args.num_inputs,
-           "backend": jax.default_backend()}
-    for mode in ("sequential", "vmap"):
-        score = ntksap_scorer(model, (32, 32, 3), samples=args.samples, num_inputs=args.num_inputs, sample_loop=mode)
-        t0 = time.perf_counter()
-        jax.block_until_ready(score(params, masks, batch_stats, jax.random.key(0)))
-        compile_and_run = time.perf_counter() - t0
-        runs = []
-        for i in range(2):
-            t0 = time.perf_counter()
-            jax.block_until_ready(score(params, masks, batch_stats, jax.random.key(1 + i)))
-            runs.append(time.perf_counter() - t0)
-        out[mode] = {"seconds": min(runs), "first_call_seconds": compile_and_run}
-    out["vmap_over_sequential"] = out["vmap"]["seconds"] / out["sequential"]["seconds"]
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_device_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
     return out
+
+
+def markdown(report: dict) -> str:
+    peak = report["matmul_peak_gflops"]
+    lines = [
+        f"# NTK-SAP pruning speed ({report['device']}, {report['backend']}, jax {report['jax']}, {report['cpu_count']} CPUs)",
+        "",
+        f"Machine peak (float32 {report['matmul_size']}² matmul, this run): **{peak:.0f} GFLOP/s**.",
+        "",
+        "| preset | estimator | loop | s/iteration (median) | compile s | projected total s | peak RSS GB "
+        "| GFLOP/iteration | GFLOP/s | % of peak | official s/it ÷ ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["configs"]:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['estimator']} | {r['sample_loop']} | failed: {r['error'][:80]} |||||||")
+            continue
+        official = OFFICIAL.get(r["preset"], {}).get("seconds_per_iteration")
+        ratio = f"{official / r['seconds_per_iteration_median']:.2f}×" if official else "—"
+        lines.append(
+            f"| {r['preset']} (T={r['T']}, R={r['R']}, {r['num_inputs']} inputs) | {r['estimator']} | {r['sample_loop']} "
+            f"| {r['seconds_per_iteration_median']:.2f} | {r['compile_seconds']:.1f} | {r['projected_total_seconds']:.0f} "
+            f"| {r['peak_rss_gb']:.2f} | {r['gflop_per_iteration']:.0f} | {r['gflops_achieved']:.1f} "
+            f"| {100 * r['gflops_achieved'] / peak:.0f}% | {ratio} |"
+        )
+    lines += ["", "Official PyTorch reference (same 2-core CPU, measured once, not in this run): ResNet-20 "
+              "2.5 s/iteration, 57 s in all, 0.9 GB peak RSS.", ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--iterations", type=int, default=20)
-    p.add_argument("--samples", type=int, default=5)
-    p.add_argument("--num-inputs", type=int, default=100)
-    p.add_argument("--eps", type=float, default=0.01)
-    p.add_argument("--estimator", default="finite_difference")
-    p.add_argument("--sample-loop", default="auto")
-    p.add_argument("--density", type=float, default=0.8**18)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare-loops", action="store_true", help="time sequential vs vmap sample loops instead")
+    p.add_argument("--presets", nargs="+", default=["resnet20-cifar10", "vgg16-cifar100"])
+    p.add_argument("--estimators", nargs="+", default=["finite_difference"])
+    p.add_argument("--sample-loops", nargs="+", default=["auto"])
+    p.add_argument("--iterations", type=int, default=None,
+                   help="rounds to time (default: T for T <= 20, else 3); the total is projected to T")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--matmul-size", type=int, default=4096)
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/prune_speed_<backend>)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    result = compare_loops(args) if args.compare_loops else time_prune(args)
-    print(json.dumps(result, indent=1))
+
+    if args.child:
+        os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+        print("RESULT " + json.dumps(run_config(json.loads(args.child))), flush=True)
+        return 0
+
+    # The parent only times a matmul: keep it from taking 75% of a GPU's memory while children run.
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    import jax
+
+    from ntksap_jax._io import atomic_write_text
+
+    peak_before = matmul_peak_gflops(args.matmul_size)
+    configs = []
+    for preset in args.presets:
+        for estimator in args.estimators:
+            for loop in args.sample_loops:
+                T_default = 20 if preset == "resnet20-cifar10" else 3
+                cfg = {"preset": preset, "estimator": estimator, "sample_loop": loop,
+                       "iterations": args.iterations or T_default, "batch_size": args.batch_size}
+                print(f"running {cfg}", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
+                                      capture_output=True, text=True)
+                rows = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode or not rows:
+                    configs.append({**cfg, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
+                else:
+                    configs.append(json.loads(rows[-1]))
+                print(json.dumps(configs[-1]), file=sys.stderr, flush=True)
+    peak = max(peak_before, matmul_peak_gflops(args.matmul_size))
+    report = {
+        "benchmark": "prune_speed",
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "matmul_size": args.matmul_size,
+        "matmul_peak_gflops": peak,
+        "official_pytorch_reference": OFFICIAL,
+        "configs": configs,
+    }
+    stem = Path(args.out) if args.out else RESULTS / f"prune_speed_{report['backend']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    table = markdown(report)
+    atomic_write_text(stem.with_suffix(".md"), table)
+    print(table)
     return 0
 
 
