@@ -62,11 +62,13 @@ from ntksap_jax.ntk import (
     ntk_trace_finite_difference,
     ntk_trace_hutchinson,
 )
+from ntksap_jax.conv import conv_general_dilated
 from ntksap_jax.prune import PruneResult, prune
 from ntksap_jax.schedules import exponential_schedule, linear_schedule, paper_density_grid
 from ntksap_jax.scores import (
     Estimator,
     SampleLoop,
+    apply_with_batch_statistics,
     get_scorer,
     grasp_scorer,
     iterative_snip_scorer,
@@ -83,6 +85,8 @@ from ntksap_jax.scores import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "conv_general_dilated",
+    "apply_with_batch_statistics",
     "PRESETS",
     "Preset",
     "get_preset",
