@@ -171,7 +171,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['preset']} (T={r['T']}, R={r['R']}, {r['num_inputs']} inputs) | {r['estimator']} | {r['sample_loop']} "
             f"| {r['seconds_per_iteration_median']:.2f} | {r['compile_seconds']:.1f} | {r['projected_total_seconds']:.0f} "
-            f"| {r['peak_rss_gb']:.2f} | {r['gflop_per_iteration']:.0f} | {r['gflops_achieved']:.1f} "
+            f"| {r['peak_rss_gb']:.2f} | {r['gflop_per_iteration']:.4g} | {r['gflops_achieved']:.3g} "
             f"| {100 * r['gflops_achieved'] / peak:.0f}% | {ratio} |"
         )
     lines += ["", "Official PyTorch reference (same 2-core CPU, measured once, not in this run): ResNet-20 "
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--estimators", nargs="+", default=["finite_difference"])
     p.add_argument("--sample-loops", nargs="+", default=["auto"])
     p.add_argument("--iterations", type=int, default=None,
-                   help="rounds to time (default: T for T <= 20, else 3); the total is projected to T")
+                   help="rounds to time (default: all T when T <= 20, else 3, or 1 on CPU where a VGG-16 round takes minutes); the total is projected to T")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/prune_speed_<backend>)")
@@ -201,6 +201,7 @@ def main(argv=None) -> int:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
+    from ntksap_jax import get_preset
     from ntksap_jax._io import atomic_write_text
 
     peak_before = matmul_peak_gflops(args.matmul_size)
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
     for preset in args.presets:
         for estimator in args.estimators:
             for loop in args.sample_loops:
-                T_default = 20 if preset == "resnet20-cifar10" else 3
+                T = get_preset(preset).ntksap_iterations
+                T_default = T if T <= 20 else (1 if jax.default_backend() == "cpu" else 3)
                 cfg = {"preset": preset, "estimator": estimator, "sample_loop": loop,
                        "iterations": args.iterations or T_default, "batch_size": args.batch_size}
                 print(f"running {cfg}", file=sys.stderr, flush=True)
