@@ -238,8 +238,10 @@ def main(argv=None) -> int:
     print(f"wall time {wall:.0f} s (prune {sum(r['prune_seconds'] for r in rows):.0f} s, traces "
           f"{sum(r['trace_seconds'] for r in rows):.0f} s), backend {jax.default_backend()}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"benchmark": "kept_trace", "args": vars(args), "wall_seconds": wall, "seeds": rows}, fh, indent=1)
+        from ntksap_jax._io import atomic_write_text
+
+        report = {"benchmark": "kept_trace", "args": vars(args), "wall_seconds": wall, "seeds": rows}
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -208,8 +208,10 @@ def main(argv=None) -> int:
     print(table(rows, args.rss))
     print(f"\nwall time {wall:.0f} s, backend {jax.default_backend()}, jax {jax.__version__}, {platform.machine()}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"benchmark": "ntk_trace", "args": vars(args), "wall_seconds": wall, "rows": rows}, fh, indent=1)
+        from ntksap_jax._io import atomic_write_text
+
+        report = {"benchmark": "ntk_trace", "args": vars(args), "wall_seconds": wall, "rows": rows}
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ntksap_jax._io import atomic_write
 
 __all__ = [
     "default_filter",
@@ -445,16 +446,7 @@ def save_masks(path: str | os.PathLike, masks: PyTree) -> None:
         if not np.all((a == 0) | (a == 1)):
             raise ValueError(f"mask {name!r} has entries other than 0 and 1; refusing to save it as a mask")
         arrays[name] = a.astype(bool)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".npz.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
 
 
 def load_masks(path: str | os.PathLike, params: PyTree) -> PyTree:
