@@ -31,7 +31,21 @@ from ntksap_jax.train import (
     make_schedule,
     masked,
     pruned_weights_are_zero,
+    shard_state,
     train,
+)
+from ntksap_jax.parallel import (
+    batch_sharding,
+    initialize_distributed,
+    is_primary_process,
+    make_mesh,
+    mesh_summary,
+    param_shardings,
+    place,
+    replicated,
+    shard_batch,
+    shard_examples,
+    sync_processes,
 )
 from ntksap_jax.collapse import max_critical_compression, path_report, unit_report
 from ntksap_jax.distributions import erk_densities, uniform_densities
@@ -85,6 +99,18 @@ from ntksap_jax.scores import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "make_mesh",
+    "initialize_distributed",
+    "batch_sharding",
+    "replicated",
+    "param_shardings",
+    "place",
+    "shard_batch",
+    "shard_examples",
+    "shard_state",
+    "is_primary_process",
+    "sync_processes",
+    "mesh_summary",
     "conv_general_dilated",
     "apply_with_batch_statistics",
     "PRESETS",

@@ -96,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for masks.npz and report.json")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_args(p)
 
     v = sub.add_parser(
         "validate",
@@ -166,6 +167,49 @@ def _add_train_args(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device_args(p)
+
+
+def _add_device_args(p) -> None:
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices to run on, the first N of jax.devices() (default: all; across hosts with "
+                        "--distributed). Batches are split over them; results match one device to float32 rounding")
+    p.add_argument("--model-parallel", type=int, default=1,
+                   help="split each kernel's output features over this many of the devices (default 1: data parallel)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (auto-detects TPU pod slices, SLURM, "
+                        "Open MPI, Kubernetes; elsewhere set JAX_COORDINATOR_ADDRESS and pass --num-processes "
+                        "and --process-id)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's index")
+
+
+def _mesh(args):
+    """The device mesh the command runs on, or ``None`` for one device (the plain single-device path)."""
+    import jax
+
+    from ntksap_jax.parallel import make_mesh
+
+    available = jax.device_count()
+    n = available if args.devices is None else args.devices
+    if isinstance(n, bool) or not 1 <= n <= available:
+        raise CliError(f"--devices must be in 1..{available} (the devices JAX sees: {jax.devices()[0].platform} x "
+                       f"{available}); got {args.devices}")
+    if args.model_parallel < 1 or n % args.model_parallel:
+        raise CliError(f"--model-parallel must be a positive divisor of the device count {n}; got {args.model_parallel}")
+    if n == 1:
+        return None
+    return make_mesh(n, model_parallel=args.model_parallel)
+
+
+def _start_distributed(args) -> None:
+    if not getattr(args, "distributed", False):
+        if getattr(args, "num_processes", None) is not None or getattr(args, "process_id", None) is not None:
+            raise CliError("--num-processes and --process-id need --distributed")
+        return
+    from ntksap_jax.parallel import initialize_distributed
+
+    initialize_distributed(num_processes=args.num_processes, process_id=args.process_id)
 
 
 def _add_model_args(p) -> None:
@@ -183,11 +227,12 @@ def _prepare_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise CliError(f"--out {out!r} exists and is not a folder")
-        if os.listdir(out) and not overwrite:
+        # (another host's write probe, below, is not content)
+        if [n for n in os.listdir(out) if not n.startswith(".probe-")] and not overwrite:
             raise CliError(f"--out {out!r} exists and is not empty; pass --overwrite to replace its masks and report")
     else:
         try:
-            os.makedirs(out)
+            os.makedirs(out, exist_ok=True)  # exist_ok: the other hosts of a multi-host run race here
         except OSError as e:
             raise CliError(f"cannot create --out {out!r}: {e.strerror or e}") from None
     try:
@@ -458,13 +503,16 @@ def _train_one(preset, model, variables, masks, dataset, args, out: str, *, resu
           f"{kwargs['batch_size']}, lr {kwargs['lr']} ({kwargs['schedule']}) -> {out}", file=sys.stderr)
     try:
         result = train(model, variables, masks, dataset, seed=args.seed, out_dir=out, resume=resume,
-                       progress=not args.no_progress, **kwargs)
+                       progress=not args.no_progress, mesh=_mesh(args), **kwargs)
     except ValueError as e:
         raise CliError(str(e)) from None
     final = dict(result.history[-1]) if result.history else {}
+    from ntksap_jax.parallel import is_primary_process, mesh_summary
+
     report = {"preset": preset.name, "label": label, "epochs_done": result.epoch, "final": final,
-              "train_config": kwargs, "seed": args.seed}
-    atomic_write_text(os.path.join(out, "train_report.json"), json.dumps(report, indent=1) + "\n")
+              "train_config": kwargs, "seed": args.seed, "mesh": mesh_summary(_mesh(args))}
+    if is_primary_process():
+        atomic_write_text(os.path.join(out, "train_report.json"), json.dumps(report, indent=1) + "\n")
     return report
 
 
@@ -511,13 +559,16 @@ def _clear_training_outputs(folder: str) -> None:
     """Remove what a previous training run wrote in ``folder`` (only after --overwrite was checked)."""
     import shutil
 
+    from ntksap_jax.parallel import is_primary_process, sync_processes
     from ntksap_jax.train import CHECKPOINT_DIR, METRICS_FILE
 
-    if os.path.isdir(os.path.join(folder, CHECKPOINT_DIR)):
-        shutil.rmtree(os.path.join(folder, CHECKPOINT_DIR))
-    for name in (METRICS_FILE, "train_report.json"):
-        if os.path.exists(os.path.join(folder, name)):
-            os.unlink(os.path.join(folder, name))
+    if is_primary_process():  # one host clears; the others wait for it
+        if os.path.isdir(os.path.join(folder, CHECKPOINT_DIR)):
+            shutil.rmtree(os.path.join(folder, CHECKPOINT_DIR))
+        for name in (METRICS_FILE, "train_report.json"):
+            if os.path.exists(os.path.join(folder, name)):
+                os.unlink(os.path.join(folder, name))
+    sync_processes(f"ntksap-jax: cleared {folder}")
 
 
 def _format_accuracy(reports: dict) -> str:
@@ -546,6 +597,8 @@ def _run_run(args) -> int:
         num_inputs=preset.ntksap_num_inputs, batch_size=256, eps=0.01, estimator="finite_difference",
         sample_loop="auto", schedule="exponential", distribution="global", invert=False, shuffle=False, reinit=False,
         float64=False, stem=stem, seed=args.seed, out=args.out, overwrite=args.overwrite, no_progress=args.no_progress,
+        devices=args.devices, model_parallel=args.model_parallel, distributed=args.distributed,
+        num_processes=args.num_processes, process_id=args.process_id,
     )
     data = None
     if args.method in DATA_METHODS:  # a real labelled batch: 10 x classes training images
@@ -578,9 +631,12 @@ def _run_run(args) -> int:
                                                   resume=False, label=f"{args.method} pruned")
     summary = {label: {"density": r["final"].get("density"), "test_top1": r["final"].get("test_top1")}
                for label, r in reports.items()}
-    atomic_write_text(os.path.join(args.out, "run_report.json"),
-                       json.dumps({"preset": preset.name, "method": args.method, "seed": args.seed,
-                                   "results": summary}, indent=1) + "\n")
+    from ntksap_jax.parallel import is_primary_process
+
+    if is_primary_process():
+        atomic_write_text(os.path.join(args.out, "run_report.json"),
+                           json.dumps({"preset": preset.name, "method": args.method, "seed": args.seed,
+                                       "results": summary}, indent=1) + "\n")
     print(_format_accuracy(reports))
     return 0
 
@@ -599,6 +655,7 @@ def _run_prune(args, data=None) -> int:
     from ntksap_jax.masks import collapsed_layers, count_kept, count_total, density_report, format_report, save_masks
     from ntksap_jax.sanity import shuffle_masks
     from ntksap_jax.models import get_model, module_order
+    from ntksap_jax.parallel import is_primary_process, mesh_summary, sync_processes
     from ntksap_jax.prune import prune
     from ntksap_jax.scores import get_scorer
 
@@ -630,9 +687,10 @@ def _run_prune(args, data=None) -> int:
     masks0 = init_masks(params)
     total = count_total(masks0)
     start = time.perf_counter()
+    mesh = _mesh(args)
     result = prune(score_fn, params, masks0, density=density, iterations=config["iterations"], key=prune_key,
                    batch_stats=batch_stats, schedule=config["schedule"], distribution=config["distribution"],
-                   invert=config["invert"], progress=progress)
+                   invert=config["invert"], progress=progress, mesh=mesh)
     masks = result.masks
     if config["shuffle"]:
         masks = shuffle_masks(jax.random.fold_in(prune_key, SHUFFLE_KEY), masks)
@@ -670,10 +728,13 @@ def _run_prune(args, data=None) -> int:
             "flax": flax.__version__,
             "backend": jax.default_backend(),
             "devices": len(jax.devices()),
+            "mesh": mesh_summary(mesh),
         },
     }
-    save_masks(os.path.join(args.out, "masks.npz"), masks)
-    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1) + "\n")
+    if is_primary_process():  # one writer; the masks are the same on every device and host
+        save_masks(os.path.join(args.out, "masks.npz"), masks)
+        atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1) + "\n")
+    sync_processes("ntksap-jax prune: masks written")  # `run` reads them back on every host
     print(format_report(rows))
     print(
         f"{args.method} on {args.model}: kept {kept:,} of {total:,} prunable weights "
@@ -702,6 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if args.command in ("prune", "train", "run"):
+            _start_distributed(args)
         if args.command == "prune":
             return _run_prune(args)
         if args.command == "validate":

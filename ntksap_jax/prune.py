@@ -30,6 +30,7 @@ from ntksap_jax.masks import (
     layerwise_topk_counts,
 )
 from ntksap_jax.distributions import get_distribution, layer_counts
+from ntksap_jax.parallel import param_shardings, place, replicated
 from ntksap_jax.schedules import get_schedule
 
 __all__ = ["PruneResult", "prune"]
@@ -71,6 +72,7 @@ def prune(
     distribution: str = "global",
     invert: bool = False,
     progress: Callable | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> PruneResult:
     """Iterative pruning: ``T`` rounds of score-then-keep-top-``k`` down to ``density``.
 
@@ -94,6 +96,13 @@ def prune(
       invert: prune the *highest* scores instead of the lowest (a true rank reversal: the
         ranking uses ``-scores``, valid for negative and zero scores; pruned entries stay pruned).
       progress: optional ``progress(iteration, history_row)`` callback after each round.
+      mesh: a device mesh (:func:`ntksap_jax.parallel.make_mesh`) to score across: params and
+        masks are placed with :func:`~ntksap_jax.parallel.param_shardings` (replicated unless
+        the mesh has a ``model`` axis), BatchNorm statistics replicated, and every round runs
+        under ``jax.set_mesh(mesh)``, so the scorers split their input batches over the
+        ``data`` axis (NTK-SAP can split its weight samples instead: ``split="samples"``).
+        The masks come out the same on every device and match a one-device run up to float32
+        rounding of the scores. ``None``: the arrays' own devices (one device).
 
     Returns:
       :class:`PruneResult` with the final masks and ``params ⊙ masks``.
@@ -112,6 +121,17 @@ def prune(
     if total == 0:
         raise ValueError("no prunable weights: every mask leaf is None")
     allocate = None if distribution == "global" else get_distribution(distribution)
+    if mesh is not None:
+        params = place(params, param_shardings(params, mesh))
+        masks = place(masks, param_shardings(masks, mesh))
+        if batch_stats:
+            batch_stats = place(batch_stats, replicated(mesh))
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        masks, history = _rounds(score_fn, params, masks, batch_stats, key, densities, total, allocate, invert, progress)
+    return PruneResult(masks=masks, params=apply_masks(params, masks), history=history)
+
+
+def _rounds(score_fn, params, masks, batch_stats, key, densities, total, allocate, invert, progress):
     history = []
     for t, d_t in enumerate(densities, start=1):
         start = time.perf_counter()
@@ -134,4 +154,4 @@ def prune(
         history.append(row)
         if progress is not None:
             progress(t, row)
-    return PruneResult(masks=masks, params=apply_masks(params, masks), history=history)
+    return masks, history

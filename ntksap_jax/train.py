@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -43,6 +44,9 @@ from flax.training import train_state
 
 from ntksap_jax._io import atomic_write_text
 from ntksap_jax.masks import apply_masks, check_structure, count_kept, count_total
+from ntksap_jax.parallel import (
+    batch_sharding, cpu_collectives_need_serial, data_parallel_size, is_primary_process, param_shardings, place, replicated, shard_batch,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -54,6 +58,7 @@ __all__ = [
     "make_schedule",
     "init_model",
     "create_train_state",
+    "shard_state",
     "train_step",
     "eval_step",
     "evaluate",
@@ -410,12 +415,14 @@ def _variables(params, batch_stats) -> dict:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-@jax.jit
-def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimiser step on a batch (BatchNorm in train mode; its running stats are updated).
 
     The loss is the mean cross-entropy over the examples with ``batch["mask"]`` True (all of
-    a training batch), like PyTorch's ``CrossEntropyLoss``.
+    a training batch), like PyTorch's ``CrossEntropyLoss``. On a state and batch placed on a
+    mesh (:func:`shard_state`, :func:`ntksap_jax.parallel.shard_batch`) the same step runs
+    data-parallel: the compiler averages the gradients and takes BatchNorm's statistics over
+    the global batch, as one device would.
 
     Args:
       state: a :class:`TrainState`.
@@ -443,6 +450,9 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, metrics
+
+
+train_step = jax.jit(_train_step)
 
 
 @jax.jit
@@ -482,15 +492,20 @@ def _summarise(sums: dict, top5: bool) -> dict:
     return out
 
 
-def evaluate(state: TrainState, dataset, batch_size: int = 256, split: str = "test", top5: bool = True) -> dict:
+def evaluate(
+    state: TrainState, dataset, batch_size: int = 256, split: str = "test", top5: bool = True, *, mesh=None
+) -> dict:
     """Loss and accuracy of ``state`` over every example of a split, each counted once.
 
     Args:
       state: a :class:`TrainState`.
       dataset: an object with ``eval_batches(batch_size, split=...)`` (see ``ntksap_jax.data``).
-      batch_size: evaluation batch size.
+      batch_size: evaluation batch size (divisible by the mesh's ``data`` axis with a mesh).
       split: the split name passed to ``eval_batches``.
       top5: include ``top5``.
+      mesh: a device mesh (:func:`ntksap_jax.parallel.make_mesh`): every batch (the last one
+        padded, its padding masked out) is split over the ``data`` axis and the whole split is
+        still counted once. ``state`` should be on the mesh (:func:`shard_state`).
 
     Returns:
       ``{"loss", "top1", "top5"?, "count"}`` (accuracies are fractions in [0, 1]).
@@ -499,13 +514,40 @@ def evaluate(state: TrainState, dataset, batch_size: int = 256, split: str = "te
 
       evaluate(state, load("digits"))   # {'loss': 0.09, 'top1': 0.975, 'top5': 1.0, 'count': 360}
     """
+    _check_divides("eval batch_size", batch_size, mesh)
+    serial = cpu_collectives_need_serial(mesh)
     sums = None
-    for batch in dataset.eval_batches(batch_size, split=split):
-        m = eval_step(state, batch)
-        sums = m if sums is None else _add(sums, m)
+    with _mesh_context(mesh):
+        for batch in dataset.eval_batches(batch_size, split=split):
+            m = eval_step(state, batch if mesh is None else shard_batch(batch, mesh))
+            if serial:
+                jax.block_until_ready(m)
+            sums = m if sums is None else _add(sums, m)
     if sums is None:
         raise ValueError(f"the {split!r} split of the dataset gave no batches")
     return _summarise(sums, top5)
+
+
+def _mesh_context(mesh):
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def _check_divides(name: str, batch_size: int, mesh) -> None:
+    n = data_parallel_size(mesh)
+    if batch_size % n:
+        raise ValueError(f"{name} {batch_size} does not split evenly over the {n} devices of the mesh's "
+                         f"'data' axis; use a multiple of {n}")
+
+
+def shard_state(state: TrainState, mesh) -> TrainState:
+    """Place a :class:`TrainState` on ``mesh``: replicated, or with kernels (and their masks and
+    momenta) split over a ``model`` axis (:func:`ntksap_jax.parallel.param_shardings`).
+
+    Example::
+
+      state = shard_state(create_train_state(model, variables, masks, sgd(0.1)), make_mesh())
+    """
+    return place(state, param_shardings(state, mesh))
 
 
 def pruned_weights_are_zero(params: PyTree, masks: PyTree) -> bool:
@@ -629,6 +671,7 @@ def train(
     keep_checkpoints: int = 3,
     stop_after: int | None = None,
     callback: Callable[[dict], None] | None = None,
+    mesh=None,
 ) -> TrainResult:
     """Train ``θ₀ ⊙ m`` with SGD for ``epochs`` epochs; pruned weights stay exactly 0.
 
@@ -665,6 +708,13 @@ def train(
       stop_after: return after this many epochs in total (e.g. to fit a time limit; a later
         call with ``resume=True`` continues). Default: ``epochs``.
       callback: called with each epoch's row.
+      mesh: a device mesh (:func:`ntksap_jax.parallel.make_mesh`) to train data-parallel on:
+        the state is placed with :func:`shard_state`, every batch is split over the ``data``
+        axis (``batch_size`` and ``eval_batch_size`` must divide by its size), gradients are
+        averaged and BatchNorm statistics taken over the global batch by the compiler, so the
+        run matches a one-device run up to float32 rounding. Across hosts every process calls
+        ``train`` with the same arguments; only process 0 writes ``metrics.jsonl``, and orbax
+        writes each checkpoint once. ``None``: one device.
 
     Returns:
       :class:`TrainResult` ``(state, history, epoch)``.
@@ -691,12 +741,22 @@ def train(
         raise ValueError(f"seed must be an integer; got {seed!r}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs the out_dir that holds the checkpoints; got out_dir=None")
+    _check_divides("batch_size", batch_size, mesh)
+    _check_divides("eval_batch_size", eval_batch_size, mesh)
     steps_per_epoch = int(dataset.steps_per_epoch(batch_size))
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} gives no full training batch for this dataset")
     lr_fn = make_schedule(schedule, lr, epochs, steps_per_epoch, milestones, gamma, warmup_epochs)
     tx = sgd(lr_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     state = create_train_state(model, variables, masks, tx)
+    step_fn = train_step
+    if mesh is not None:
+        state = shard_state(state, mesh)
+        shardings = param_shardings(state, mesh)
+        # Pin the state's layout so that every step reuses one compilation.
+        step_fn = jax.jit(_train_step, in_shardings=(shardings, batch_sharding(mesh)),
+                          out_shardings=(shardings, replicated(mesh)))
+    serial = cpu_collectives_need_serial(mesh)
     density = 1.0 if masks is None else count_kept(masks) / max(count_total(masks), 1)
     config = {
         "epochs": epochs, "batch_size": batch_size, "lr": float(lr), "momentum": float(momentum),
@@ -720,11 +780,12 @@ def train(
                     "continue or choose a new out_dir"
                 )
             if latest is not None:
-                state = _restore(manager, latest, state, config, masks)
+                state = _restore(manager, latest, state, config, masks, mesh)
                 start = latest
                 history = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= latest]
             # a fresh run starts a fresh file; a resumed one drops rows written after its checkpoint
-            _write_metrics(metrics_path, history)
+            if is_primary_process():
+                _write_metrics(metrics_path, history)
         done = start
 
         for epoch in range(start, stop):
@@ -734,7 +795,12 @@ def train(
                        disable=not progress, file=sys.stderr, leave=True)
             sums = None
             for i, batch in enumerate(dataset.train_batches(batch_size, seed=seed, epoch=epoch)):
-                state, m = train_step(state, batch)
+                if mesh is not None:
+                    batch = shard_batch(batch, mesh)
+                with _mesh_context(mesh):
+                    state, m = step_fn(state, batch)
+                if serial:
+                    jax.block_until_ready(m)
                 sums = m if sums is None else _add(sums, m)
                 bar.update(1)
                 if progress and (i % 20 == 0 or i + 1 == steps_per_epoch):
@@ -745,7 +811,7 @@ def train(
             row.update({f"train_{k}": v for k, v in _summarise(sums, top5).items() if k != "count"})
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 row.update({f"test_{k}": v for k, v in
-                            evaluate(state, dataset, eval_batch_size, "test", top5).items()})
+                            evaluate(state, dataset, eval_batch_size, "test", top5, mesh=mesh).items()})
             row["density"] = density
             row["seconds"] = time.perf_counter() - t0
             if progress:
@@ -754,8 +820,9 @@ def train(
             bar.close()
             history.append(row)
             if manager is not None:
-                _write_metrics(metrics_path, history)
-                _save(manager, epoch + 1, state, config)
+                if is_primary_process():
+                    _write_metrics(metrics_path, history)
+                _save(manager, epoch + 1, state, config)  # every process calls it; orbax writes once
             done = epoch + 1
             if callback is not None:
                 callback(row)
@@ -774,7 +841,7 @@ def _save(manager, epoch: int, state: TrainState, config: dict) -> None:
                                                 meta=ocp.args.JsonSave(meta)))
 
 
-def _restore(manager, epoch: int, state: TrainState, config: dict, masks: PyTree) -> TrainState:
+def _restore(manager, epoch: int, state: TrainState, config: dict, masks: PyTree, mesh=None) -> TrainState:
     import orbax.checkpoint as ocp
 
     meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -786,9 +853,11 @@ def _restore(manager, epoch: int, state: TrainState, config: dict, masks: PyTree
         raise ValueError(f"cannot resume: the checkpoint at epoch {epoch} was written with another config ({detail})")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_tree(state))
     restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    # Orbax returns device-committed arrays; fresh ones are uncommitted, and jit keys its cache on
-    # that, so re-create them uncommitted (one host round trip) to reuse train_step's compilation.
-    restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
+    if mesh is None:
+        # Orbax returns device-committed arrays; fresh ones are uncommitted, and jit keys its cache on
+        # that, so re-create them uncommitted (one host round trip) to reuse train_step's compilation.
+        restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
+    # (on a mesh the target carried the state's shardings, so orbax restored each shard in place)
     opt_state = serialization.from_state_dict(state.opt_state, restored["opt_state"])
     if isinstance(opt_state, MaskedState) and not _masks_equal(opt_state.masks, masks):
         raise ValueError(f"cannot resume: the checkpoint at epoch {epoch} was trained with a different mask")

@@ -147,6 +147,7 @@ def batch_norm(
         scale_init=nn.initializers.ones,
         bias_init=nn.initializers.zeros,
         name=name,
+        use_fast_variance=False,
     )
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntksap_jax.parallel import shard_examples
+
 PyTree = Any
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -101,8 +103,8 @@ class PruneData:
             x = jnp.asarray(x).astype(dtype)
             y = jnp.asarray(y).astype(jnp.int32)
         out, start = [], 0
-        for n in self.sizes:
-            out.append((x[start : start + n], y[start : start + n]))
+        for n in self.sizes:  # under a mesh (prune(..., mesh=)), each batch is split over its data axis
+            out.append((shard_examples(x[start : start + n]), shard_examples(y[start : start + n])))
             start += n
         return out
 

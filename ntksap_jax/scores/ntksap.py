@@ -45,6 +45,7 @@ import flax.linen as nn
 
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.ntk import gaussian_like, jvp_squared_norm
+from ntksap_jax.parallel import cpu_collectives_need_serial, shard_examples
 
 __all__ = [
     "Estimator",
@@ -273,9 +274,10 @@ def _moved(params, masks, perturbation, eps):
 
 
 def _tangent(params, masks, perturbation, eps):
-    """``ε z⊙m`` on masked leaves, 0 elsewhere."""
-    return jax.tree.map(lambda m, p, z: jnp.zeros_like(p) if m is None else eps * z * m, masks, params, perturbation,
-                        is_leaf=lambda t: t is None)
+    """``ε z⊙m`` on masked leaves, 0 elsewhere, in each param's dtype (jvp needs the primal's:
+    float64 params with float32 masks are a float64 computation)."""
+    return jax.tree.map(lambda m, p, z: jnp.zeros_like(p) if m is None else (eps * z * m).astype(p.dtype), masks,
+                        params, perturbation, is_leaf=lambda t: t is None)
 
 
 def ntksap_sample_draws(
@@ -299,7 +301,9 @@ def ntksap_sample_draws(
     k_init, k_x, k_z = jax.random.split(key, 3)
     theta = reinit(k_init, params, masks)
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    x = jax.random.normal(k_x, tuple(input_shape), dtype)
+    # Under a mesh (prune(..., mesh=)) the batch is split over its data axis; a no-op otherwise.
+    # JAX's partitionable threefry draws the same numbers whatever the split.
+    x = shard_examples(jax.random.normal(k_x, tuple(input_shape), dtype))
     return theta, x, gaussian_like(k_z, masks)
 
 
@@ -451,9 +455,12 @@ def ntksap_scorer(
         finalize = jax.jit(_finalize)
 
         def score(params, masks, batch_stats, key):
+            serial = cpu_collectives_need_serial(jax.sharding.get_mesh())  # under prune(..., mesh=) on CPU
             acc = zeros(masks)
             for r, b, n in plan:
                 acc = steps[n](acc, params, masks, batch_stats, sample_key(key, r, b))
+                if serial:
+                    jax.block_until_ready(acc)
             return finalize(acc, masks)
 
         score.steps = steps  # exposed for trace counting and benchmarks
