@@ -190,3 +190,57 @@ def test_cli_rejects_more_devices_than_there_are(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--process-id", "1"])
     assert code == 2
     assert "need --distributed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ two processes (multi-host)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(args):
+    """Run ``ntksap-jax ARGS --distributed`` as 2 processes of 1 CPU device each on this machine
+    (jax.distributed over 127.0.0.1, gloo collectives), as on two hosts."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
+    env.pop("XLA_FLAGS", None)
+    exe = os.path.join(os.path.dirname(sys.executable), "ntksap-jax")
+    procs = [subprocess.Popen([exe, *args, "--distributed", "--num-processes", "2", "--process-id", str(i),
+                               "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_two_processes_prune_and_train_like_one(tmp_path):
+    from ntksap_jax.cli import main
+
+    prune_args = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "ntksap", "--density", "0.1",
+                  "--iterations", "3", "--seed", "0"]
+    _two_processes([*prune_args, "--out", str(tmp_path / "mh")])
+    assert main([*prune_args, "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    a, b = np.load(tmp_path / "mh" / "masks.npz"), np.load(tmp_path / "one" / "masks.npz")
+    assert sorted(a.files) == sorted(b.files)
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    mesh = json.loads((tmp_path / "mh" / "report.json").read_text())["environment"]["mesh"]
+    assert mesh == {"devices": 2, "data": 2, "model": 1, "processes": 2, "platform": "cpu"}
+
+    train_args = ["train", "--preset", "mlp-digits", "--epochs", "2", "--masks", str(tmp_path / "one" / "masks.npz")]
+    _two_processes([*train_args, "--out", str(tmp_path / "tmh")])
+    assert main([*train_args, "--out", str(tmp_path / "tone"), "--no-progress"]) == 0
+    rows_mh = [json.loads(l) for l in (tmp_path / "tmh" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(l) for l in (tmp_path / "tone" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows_mh] == [1, 2]  # written once, by process 0
+    assert sorted(os.listdir(tmp_path / "tmh" / "checkpoints")) == ["1", "2"]
+    for r1, r2 in zip(rows_one, rows_mh):
+        assert r1["step"] == r2["step"] and r1["test_count"] == r2["test_count"]
+        np.testing.assert_allclose(r2["train_loss"], r1["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(r2["test_loss"], r1["test_loss"], rtol=1e-5)
