@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     import jax
 
     from ntksap_jax import get_preset
-    from ntksap_jax._io import atomic_write_text
+    from _report import write_report
 
     peak_before = matmul_peak_gflops(args.matmul_size)
     configs = []
@@ -236,11 +236,7 @@ def main(argv=None) -> int:
         "configs": configs,
     }
     stem = Path(args.out) if args.out else RESULTS / f"prune_speed_{report['backend']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
-    atomic_write_text(stem.with_suffix(".md"), table)
-    print(table)
+    print(write_report(stem, report, markdown))
     return 0
 
 

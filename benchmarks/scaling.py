@@ -152,7 +152,7 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from ntksap_jax._io import atomic_write_text
+    from _report import write_report
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,11 +178,7 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "runs": runs}
     backend = runs[0]["backend"]
     stem = Path(args.out) if args.out else RESULTS / f"scaling_{backend}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
-    atomic_write_text(stem.with_suffix(".md"), table)
-    print(table)
+    print(write_report(stem, report, markdown))
     return 0
 
 
