@@ -107,6 +107,21 @@ def scores(out, mesh):
             out["mlp/snip/float32"] = rel_err(one, many)
 
 
+def vmap_loop(out, mesh):
+    """The vmap sample loop (the accelerator default) on the mesh against the sequential loop on one device."""
+    for name, shape in (("mlp", (8, 8, 1)), ("resnet20", (8, 8, 3))):
+        model, p, bs = setup(name, shape)
+        with jax.enable_x64(True):
+            p64, m64 = (jax.tree.map(lambda a: a.astype(jnp.float64), t) for t in (p, init_masks(p)))
+            bs64 = None if bs is None else jax.tree.map(lambda a: a.astype(jnp.float64), bs)
+            seq = ntksap_scorer(model, shape, samples=2, num_inputs=12, sample_loop="sequential")
+            vm = ntksap_scorer(model, shape, samples=2, num_inputs=12, sample_loop="vmap")
+            one = seq(p64, m64, bs64, jax.random.key(3))
+            with jax.set_mesh(mesh):
+                many = vm(*on_mesh(mesh, p64, m64, bs64), jax.random.key(3))
+            out[f"{name}/vmap/float64"] = rel_err(one, many)
+
+
 def synthetic(num_train=48, num_test=20):
     rng = np.random.default_rng(0)
     info = DatasetInfo("synthetic", (32, 32, 3), 10, num_train, num_test, True)
@@ -231,7 +246,7 @@ def main():
     mesh_mp = make_mesh(8, model_parallel=2)
     import time
 
-    parts = [p for p in (scores, training, errors, cli) if os.environ.get("PARTS", p.__name__).count(p.__name__)]
+    parts = [p for p in (scores, vmap_loop, training, errors, cli) if os.environ.get("PARTS", p.__name__).count(p.__name__)]
     for part in parts:
         t0 = time.perf_counter()
         if part is training:
