@@ -502,15 +502,16 @@ def _train_one(preset, model, variables, masks, dataset, args, out: str, *, resu
     print(f"training {label}: {preset.model} on {preset.dataset}, {kwargs['epochs']} epochs, batch "
           f"{kwargs['batch_size']}, lr {kwargs['lr']} ({kwargs['schedule']}) -> {out}", file=sys.stderr)
     try:
+        mesh = _mesh(args)
         result = train(model, variables, masks, dataset, seed=args.seed, out_dir=out, resume=resume,
-                       progress=not args.no_progress, mesh=_mesh(args), **kwargs)
+                       progress=not args.no_progress, mesh=mesh, **kwargs)
     except ValueError as e:
         raise CliError(str(e)) from None
     final = dict(result.history[-1]) if result.history else {}
     from ntksap_jax.parallel import is_primary_process, mesh_summary
 
     report = {"preset": preset.name, "label": label, "epochs_done": result.epoch, "final": final,
-              "train_config": kwargs, "seed": args.seed, "mesh": mesh_summary(_mesh(args))}
+              "train_config": kwargs, "seed": args.seed, "mesh": mesh_summary(mesh)}
     if is_primary_process():
         atomic_write_text(os.path.join(out, "train_report.json"), json.dumps(report, indent=1) + "\n")
     return report
