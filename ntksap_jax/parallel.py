@@ -33,6 +33,7 @@ XLA pads the last shard and masks the padding out of every reduction, so 100 Gau
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -52,6 +53,7 @@ __all__ = [
     "place",
     "shard_batch",
     "shard_examples",
+    "mesh_context",
     "is_primary_process",
     "cpu_collectives_need_serial",
     "sync_processes",
@@ -211,7 +213,6 @@ def _put(x, sharding: NamedSharding):
             return x
         if not x.is_fully_addressable:  # a global array of another layout: let the compiler move it
             return jax.jit(lambda a: a, out_shardings=sharding)(x)
-        x = np.asarray(x)
     x = np.asarray(x)
     # Every process holds the full value; each fills in its own devices' slices (works across hosts).
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
@@ -256,6 +257,17 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
                 f"'{DATA_AXIS}' axis; use a batch size divisible by {n}"
             )
     return place(batch, batch_sharding(mesh))
+
+
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)``, or a context that does nothing for ``mesh=None`` (one device).
+
+    Example::
+
+      with mesh_context(mesh):
+          scores = score_fn(params, masks, batch_stats, key)
+    """
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def shard_examples(x: jax.Array) -> jax.Array:

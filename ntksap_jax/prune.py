@@ -30,7 +30,7 @@ from ntksap_jax.masks import (
     layerwise_topk_counts,
 )
 from ntksap_jax.distributions import get_distribution, layer_counts
-from ntksap_jax.parallel import param_shardings, place, replicated
+from ntksap_jax.parallel import mesh_context, param_shardings, place, replicated
 from ntksap_jax.schedules import get_schedule
 
 __all__ = ["PruneResult", "prune"]
@@ -100,7 +100,7 @@ def prune(
         masks are placed with :func:`~ntksap_jax.parallel.param_shardings` (replicated unless
         the mesh has a ``model`` axis), BatchNorm statistics replicated, and every round runs
         under ``jax.set_mesh(mesh)``, so the scorers split their input batches over the
-        ``data`` axis (NTK-SAP can split its weight samples instead: ``split="samples"``).
+        ``data`` axis.
         The masks come out the same on every device and match a one-device run up to float32
         rounding of the scores. ``None``: the arrays' own devices (one device).
 
@@ -126,7 +126,7 @@ def prune(
         masks = place(masks, param_shardings(masks, mesh))
         if batch_stats:
             batch_stats = place(batch_stats, replicated(mesh))
-    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    with mesh_context(mesh):
         masks, history = _rounds(score_fn, params, masks, batch_stats, key, densities, total, allocate, invert, progress)
     return PruneResult(masks=masks, params=apply_masks(params, masks), history=history)
 

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -45,7 +44,15 @@ from flax.training import train_state
 from ntksap_jax._io import atomic_write_text
 from ntksap_jax.masks import apply_masks, check_structure, count_kept, count_total
 from ntksap_jax.parallel import (
-    batch_sharding, cpu_collectives_need_serial, data_parallel_size, is_primary_process, param_shardings, place, replicated, shard_batch,
+    batch_sharding,
+    cpu_collectives_need_serial,
+    data_parallel_size,
+    is_primary_process,
+    mesh_context,
+    param_shardings,
+    place,
+    replicated,
+    shard_batch,
 )
 
 __all__ = [
@@ -517,7 +524,7 @@ def evaluate(
     _check_divides("eval batch_size", batch_size, mesh)
     serial = cpu_collectives_need_serial(mesh)
     sums = None
-    with _mesh_context(mesh):
+    with mesh_context(mesh):
         for batch in dataset.eval_batches(batch_size, split=split):
             m = eval_step(state, batch if mesh is None else shard_batch(batch, mesh))
             if serial:
@@ -526,10 +533,6 @@ def evaluate(
     if sums is None:
         raise ValueError(f"the {split!r} split of the dataset gave no batches")
     return _summarise(sums, top5)
-
-
-def _mesh_context(mesh):
-    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def _check_divides(name: str, batch_size: int, mesh) -> None:
@@ -797,7 +800,7 @@ def train(
             for i, batch in enumerate(dataset.train_batches(batch_size, seed=seed, epoch=epoch)):
                 if mesh is not None:
                     batch = shard_batch(batch, mesh)
-                with _mesh_context(mesh):
+                with mesh_context(mesh):
                     state, m = step_fn(state, batch)
                 if serial:
                     jax.block_until_ready(m)
