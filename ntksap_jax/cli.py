@@ -96,6 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for masks.npz and report.json")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments and print the resolved configuration as JSON; touch no device, data or file")
     _add_device_args(p)
 
     v = sub.add_parser(
@@ -167,6 +169,8 @@ def _add_train_args(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments and print the resolved configuration as JSON; touch no device, data or file")
     _add_device_args(p)
 
 
@@ -202,10 +206,15 @@ def _mesh(args):
     return make_mesh(n, model_parallel=args.model_parallel)
 
 
-def _start_distributed(args) -> None:
+def _check_distributed_args(args) -> None:
     if not getattr(args, "distributed", False):
         if getattr(args, "num_processes", None) is not None or getattr(args, "process_id", None) is not None:
             raise CliError("--num-processes and --process-id need --distributed")
+
+
+def _start_distributed(args) -> None:
+    _check_distributed_args(args)
+    if not getattr(args, "distributed", False):
         return
     from ntksap_jax.parallel import initialize_distributed
 
@@ -223,14 +232,19 @@ def _add_model_args(p) -> None:
                    "so the weights are the ones that were pruned; else 0)")
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse an existing --out that is a file, or not empty without --overwrite (changes nothing)."""
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise CliError(f"--out {out!r} exists and is not a folder")
         # (another host's write probe, below, is not content)
         if [n for n in os.listdir(out) if not n.startswith(".probe-")] and not overwrite:
             raise CliError(f"--out {out!r} exists and is not empty; pass --overwrite to replace its masks and report")
-    else:
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+    _check_out(out, overwrite)
+    if not os.path.exists(out):
         try:
             os.makedirs(out, exist_ok=True)  # exist_ok: the other hosts of a multi-host run race here
         except OSError as e:
@@ -582,25 +596,67 @@ def _format_accuracy(reports: dict) -> str:
     return "\n".join(lines)
 
 
+def _prune_args_for_run(args, preset) -> argparse.Namespace:
+    """The `prune` arguments `run` uses: the preset's model, data set, T and R; the official defaults otherwise."""
+    iterations = args.iterations
+    if iterations is None and args.method == "ntksap":
+        iterations = preset.ntksap_iterations
+    return argparse.Namespace(
+        model=preset.model, dataset=preset.dataset, method=args.method, density=args.density, sparsity=args.sparsity,
+        iterations=iterations, samples=preset.ntksap_samples if args.method == "ntksap" else None,
+        num_inputs=preset.ntksap_num_inputs, batch_size=256, eps=0.01, estimator="finite_difference",
+        sample_loop="auto", schedule="exponential", distribution="global", invert=False, shuffle=False, reinit=False,
+        float64=False, stem=dict(preset.model_kwargs).get("stem"), seed=args.seed, out=args.out,
+        overwrite=args.overwrite, no_progress=args.no_progress, devices=args.devices,
+        model_parallel=args.model_parallel, distributed=args.distributed, num_processes=args.num_processes,
+        process_id=args.process_id, dry_run=False,
+    )
+
+
+def _dry_run(args) -> int:
+    """``--dry-run``: check the arguments, print what the command would run as JSON; no device, data or file."""
+    _check_distributed_args(args)
+    for flag in ("devices", "model_parallel"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise CliError(f"--{flag.replace('_', '-')} must be a positive integer; got {v}")
+    plan = {"command": args.command}
+    if args.command == "prune":
+        plan.update(_resolve(args))
+    else:
+        preset = _preset_or_error(args.preset)
+        _check_train_overrides(args)
+        kwargs = preset.train_kwargs()
+        for key in ("epochs", "batch_size"):
+            if getattr(args, key) is not None:
+                kwargs[key] = getattr(args, key)
+        plan.update(preset=preset.name, model=preset.model, dataset=preset.dataset, data_dir=args.data_dir,
+                    train=kwargs)
+        if args.command == "train":
+            if args.masks and not os.path.isfile(args.masks):
+                raise CliError(f"mask file {args.masks!r} does not exist (expected the masks.npz written by "
+                               "`ntksap-jax prune`)")
+            plan.update(masks=args.masks, resume=args.resume)
+        else:
+            if args.seed is None:
+                args.seed = 0
+            plan["prune"] = _resolve(_prune_args_for_run(args, preset))
+            plan["dense"] = not args.no_dense
+    if not getattr(args, "resume", False):
+        _check_out(args.out, args.overwrite)
+    plan.update(out=args.out, seed=args.seed, devices=args.devices if args.devices is not None else "all",
+                model_parallel=args.model_parallel, distributed=args.distributed)
+    print(json.dumps(plan, indent=1))
+    return 0
+
+
 def _run_run(args) -> int:
     preset = _preset_or_error(args.preset)
     _check_train_overrides(args)
     if args.seed is None:
         args.seed = 0
     dataset = _load_dataset(preset, args.data_dir)
-    stem = dict(preset.model_kwargs).get("stem")
-    iterations = args.iterations
-    if iterations is None and args.method == "ntksap":
-        iterations = preset.ntksap_iterations
-    prune_args = argparse.Namespace(
-        model=preset.model, dataset=preset.dataset, method=args.method, density=args.density, sparsity=args.sparsity,
-        iterations=iterations, samples=preset.ntksap_samples if args.method == "ntksap" else None,
-        num_inputs=preset.ntksap_num_inputs, batch_size=256, eps=0.01, estimator="finite_difference",
-        sample_loop="auto", schedule="exponential", distribution="global", invert=False, shuffle=False, reinit=False,
-        float64=False, stem=stem, seed=args.seed, out=args.out, overwrite=args.overwrite, no_progress=args.no_progress,
-        devices=args.devices, model_parallel=args.model_parallel, distributed=args.distributed,
-        num_processes=args.num_processes, process_id=args.process_id,
-    )
+    prune_args = _prune_args_for_run(args, preset)
     data = None
     if args.method in DATA_METHODS:  # a real labelled batch: 10 x classes training images
         import numpy as np
@@ -764,6 +820,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if getattr(args, "dry_run", False):
+            return _dry_run(args)
         if args.command in ("prune", "train", "run"):
             _start_distributed(args)
         if args.command == "prune":

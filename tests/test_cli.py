@@ -155,3 +155,45 @@ def test_sanity_flags_are_applied_and_recorded(tmp_path, capsys):
     for k in masks["plain"]:
         np.testing.assert_array_equal(masks["reinit"][k], masks["plain"][k])
     assert per_layer(reports["erk"]) != per_layer(reports["plain"])
+
+
+def test_dry_run_prints_the_resolved_plan_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    code, stdout, err = run_cli(["prune", "--model", "resnet20", "--sparsity", "0.982", "--out", str(out),
+                                 "--dry-run"], capsys)
+    assert code == 0, err
+    plan = json.loads(stdout)
+    # The official CIFAR-10 defaults, resolved without computing anything.
+    assert plan["command"] == "prune" and abs(plan["density"] - 0.018) < 1e-12
+    assert plan["config"]["iterations"] == 20 and plan["config"]["scorer"]["samples"] == 5
+    assert plan["config"]["scorer"]["num_inputs"] == 100 and plan["devices"] == "all"
+    assert not out.exists()
+
+    code, stdout, err = run_cli(["run", "--preset", "vgg16-cifar100", "--method", "synflow", "--density", "0.05",
+                                 "--epochs", "3", "--devices", "4", "--model-parallel", "2", "--out", str(out),
+                                 "--dry-run"], capsys)
+    assert code == 0, err
+    plan = json.loads(stdout)
+    assert plan["train"]["epochs"] == 3 and plan["train"]["milestones"] == [60, 120]
+    assert plan["prune"]["config"]["iterations"] == 100 and plan["prune"]["config"]["dataset"] == "cifar100"
+    assert (plan["devices"], plan["model_parallel"], plan["dense"]) == (4, 2, True)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--preset", "mlp-digits", "--masks", "missing/masks.npz"], "mask file 'missing/masks.npz' does not exist"),
+    (["train", "--preset", "nope"], "unknown preset"),
+    (["run", "--preset", "mlp-digits", "--density", "2"], "--density must be in (0, 1]"),
+    (["run", "--preset", "mlp-digits", "--density", "0.1", "--process-id", "1"], "need --distributed"),
+    (["train", "--preset", "mlp-digits", "--epochs", "0"], "--epochs must be a positive integer"),
+])
+def test_dry_run_reports_bad_input(tmp_path, capsys, args, match):
+    code, out, err = run_cli(args + ["--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert code == 2 and match in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_refuses_a_non_empty_out(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    code, out, err = run_cli(["train", "--preset", "mlp-digits", "--out", str(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and "exists and is not empty" in err
