@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -90,6 +91,15 @@ def _path_variables(params: PyTree, masks: PyTree, batch_stats: PyTree):
     return new_params, new_stats
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _path_value_and_grad(model, p64: PyTree, s64: PyTree, x: jax.Array):
+    def total(p):
+        variables = {"params": p} if s64 is None else {"params": p, "batch_stats": s64}
+        return jnp.sum(model.apply(variables, x, train=False))
+
+    return jax.value_and_grad(total)(p64)
+
+
 def path_report(model, params: PyTree, masks: PyTree, batch_stats: PyTree, input_shape: Sequence[int]) -> dict:
     """Which kept weights lie on an input-to-output path of the masked network.
 
@@ -117,11 +127,10 @@ def path_report(model, params: PyTree, masks: PyTree, batch_stats: PyTree, input
         p64, s64 = _path_variables(params, masks, batch_stats)
         x = jnp.ones((1, *tuple(input_shape)), jnp.float64)
 
-        def total(p):
-            variables = {"params": p} if s64 is None else {"params": p, "batch_stats": s64}
-            return jnp.sum(model.apply(variables, x, train=False))
-
-        value, grads = jax.jit(jax.value_and_grad(total))(p64)
+        try:  # compiled once per (model, shapes): max_critical_compression calls this many times
+            value, grads = _path_value_and_grad(model, p64, s64, x)
+        except (TypeError, ValueError):  # an unhashable module: compile for this call only
+            value, grads = jax.jit(lambda p, s, v: _path_value_and_grad.__wrapped__(model, p, s, v))(p64, s64, x)
         value = float(value)
         layers = []
         for (name, m), (_, g), (_, w) in zip(named_leaves(masks), named_leaves(grads), named_leaves(p64)):
