@@ -1,6 +1,12 @@
 """ntksap_jax: NTK-SAP pruning at initialization in JAX/Flax.
 
-Public API (everything else is private)::
+Prune your own model (linen, NNX, or any ``apply_fn`` with its params)::
+
+    from ntksap_jax import prune_model
+    result = prune_model(my_module, input_shape=(32, 32, 3), density=0.1, key=jax.random.key(0))
+    result.masks, result.params, result.report
+
+The lower-level pieces::
 
     from ntksap_jax import get_model, init_masks, ntksap_scorer, prune
 
@@ -77,7 +83,10 @@ from ntksap_jax.ntk import (
     ntk_trace_hutchinson,
 )
 from ntksap_jax.conv import conv_general_dilated
-from ntksap_jax.prune import PruneResult, prune
+from ntksap_jax.prune import DegenerateMaskError, PruneResult, prune
+from ntksap_jax.model import Model, WeightLayout, as_model, forward_order, from_apply_fn, from_linen, from_nnx
+from ntksap_jax.workflow import PrunedModel, prune_model, unit_norm_scales
+from ntksap_jax._compat import NeuralTangentsUnavailable, import_neural_tangents
 from ntksap_jax.schedules import exponential_schedule, linear_schedule, paper_density_grid
 from ntksap_jax.scores import (
     Estimator,
@@ -99,6 +108,19 @@ from ntksap_jax.scores import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "prune_model",
+    "PrunedModel",
+    "unit_norm_scales",
+    "Model",
+    "WeightLayout",
+    "as_model",
+    "from_linen",
+    "from_nnx",
+    "from_apply_fn",
+    "forward_order",
+    "DegenerateMaskError",
+    "import_neural_tangents",
+    "NeuralTangentsUnavailable",
     "make_mesh",
     "initialize_distributed",
     "batch_sharding",

@@ -3,8 +3,8 @@
 A mask changes the network's function ``f(θ⊙m, x)`` and, through BatchNorm, the
 statistics its layers see. Every kernel computed here uses the same convention as
 NTK-SAP's own scorer: BatchNorm statistics are those of the *masked* network on the
-batch (one train-mode pass with momentum 0, see
-:func:`ntksap_jax.scores.ntksap.bn_statistics`), then fixed, so the kernel is the
+batch (each BatchNorm's mean and unbiased variance of its own input, as the official code;
+see :func:`ntksap_jax.scores.ntksap.bn_statistics`), then fixed, so the kernel is the
 per-example NTK of an eval-mode network. Differentiating ``f(θ⊙m, x)`` w.r.t. ``θ``
 gives ``J diag(m)``, so the kernel is ``Θ_m = J diag(m) Jᵀ``: pruned weights
 contribute nothing.
@@ -18,12 +18,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 from ntksap_jax._io import atomic_write
 from ntksap_jax.masks import apply_masks, check_structure, density_report, init_masks, masked_density
-from ntksap_jax.models import module_order
+from ntksap_jax.model import as_model, forward_order
 from ntksap_jax.scores.ntksap import bn_statistics, kaiming_normal_reinit
 
 PyTree = Any
@@ -40,11 +39,11 @@ __all__ = [
 ]
 
 
-def masked_apply_fn(model: nn.Module, masks: PyTree | None, batch_stats: PyTree | None) -> ApplyFn:
+def masked_apply_fn(model, masks: PyTree | None, batch_stats: PyTree | None) -> ApplyFn:
     """``f(params, x) = model(params ⊙ masks, x)`` in eval mode with ``batch_stats`` fixed.
 
     Args:
-      model: a Flax module with ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model` (any call convention).
       masks: mask pytree (``None`` leaves dense), or ``None`` for the dense network.
       batch_stats: the BatchNorm statistics to use (``None``/empty for models without BN).
 
@@ -60,19 +59,19 @@ def masked_apply_fn(model: nn.Module, masks: PyTree | None, batch_stats: PyTree 
 
     def apply_fn(params: PyTree, x: jax.Array) -> jax.Array:
         p = params if masks is None else apply_masks(params, masks)
-        variables = {"params": p}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        return model.apply(variables, x, train=False)
+        return as_model(model, tuple(x.shape[1:])).apply(p, batch_stats or None, x)[0]
 
     return apply_fn
 
 
 def calibrated_batch_stats(
-    model: nn.Module, params: PyTree, masks: PyTree | None, batch_stats: PyTree | None, x: jax.Array
+    model, params: PyTree, masks: PyTree | None, batch_stats: PyTree | None, x: jax.Array
 ) -> PyTree | None:
     """BatchNorm statistics of the masked network ``θ⊙m`` on the batch ``x`` (no gradient).
 
+    Each BatchNorm's mean and unbiased variance of its input in the masked network (NTK-SAP's
+    statistics: the official code's running statistics after a momentum-1.0 pass). Any model
+    with linen or NNX BatchNorm layers works; no ``bn_momentum`` field is needed.
     ``batch_stats`` only supplies the structure; returns it unchanged for models
     without BatchNorm.
 
@@ -172,23 +171,22 @@ def _blocked_gram(apply_fn: ApplyFn, params: PyTree, x: jax.Array, chunk: int, k
     return g[: n * k, : n * k]
 
 
-def _gram_program(model: nn.Module, chunk: int, k: int):
+def _gram_program(model, chunk: int, k: int):
     """One jitted ``gram(params, masks, batch_stats, x, key, draw)``; masks and draw are traced."""
 
     def gram(params, masks, batch_stats, x, key, draw):
         if key is not None:
-            params = kaiming_normal_reinit(jax.random.fold_in(key, draw), params, masks)
+            layout = as_model(model, tuple(x.shape[1:])).layout
+            params = kaiming_normal_reinit(jax.random.fold_in(key, draw), params, masks, layout=layout)
         stats = calibrated_batch_stats(model, params, masks, batch_stats, x)
         return _blocked_gram(masked_apply_fn(model, masks, stats), params, x, chunk, k)
 
     return jax.jit(gram)
 
 
-def _output_width(model: nn.Module, params: PyTree, batch_stats: PyTree | None, x: jax.Array) -> int:
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    out = jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False), variables, x[:1])
+def _output_width(model, params: PyTree, batch_stats: PyTree | None, x: jax.Array) -> int:
+    spec = as_model(model, tuple(x.shape[1:]))
+    out = jax.eval_shape(lambda p, s, xb: spec.apply(p, s, xb)[0], params, batch_stats or None, x[:1])
     if len(out.shape) != 2:
         raise ValueError(f"the model must return logits of shape (N, K); got {tuple(out.shape)}")
     return int(out.shape[1])
@@ -279,7 +277,7 @@ def _ones_like_masks(masks: PyTree) -> PyTree:
 
 
 def ntk_spectrum(
-    model: nn.Module,
+    model,
     variables: Mapping[str, PyTree],
     masks: PyTree | None,
     x: jax.Array,
@@ -323,7 +321,7 @@ def ntk_spectrum(
     through the whole batch.
 
     Args:
-      model: Flax module with ``__call__(x, train)`` returning ``(N, K)`` logits.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model` returning ``(N, K)`` logits.
       variables: ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` optional).
       masks: mask pytree (``None`` leaves dense), or ``None`` for the dense network (all-ones
         masks on the default prunable kernels, so that draws re-draw them).
@@ -367,7 +365,7 @@ def _json_float(v: float) -> float | None:
 
 
 def spectrum_study(
-    model: nn.Module,
+    model,
     variables: Mapping[str, PyTree],
     masks_by_label: Mapping[str, PyTree],
     x: jax.Array,
@@ -395,7 +393,7 @@ def spectrum_study(
 
       * ``config``: ``num_examples`` N, ``num_outputs`` K, ``draws``, ``keyed`` (weights
         re-drawn), ``dtype``, ``input_shape``, ``num_params``, ``num_prunable``;
-      * ``layers``: prunable layer names in forward order (:func:`ntksap_jax.models.module_order`);
+      * ``layers``: prunable layer names in forward order (:func:`ntksap_jax.model.forward_order`);
       * per label: ``eigenvalues`` (``N·K`` floats, descending, mean over draws), ``trace``,
         ``relative_trace`` (trace / dense trace; ``None`` without the dense run),
         ``condition_number`` (``None`` when infinite: JSON has no infinity), ``effective_rank``,
@@ -437,7 +435,7 @@ def spectrum_study(
     num_params = _num_params(params)
     chunk = _chunk(n, k, num_params, np.dtype(dtype).itemsize, chunk_size)
     program = _gram_program(model, chunk, k)
-    order = module_order(model, x[:1])
+    order = forward_order(as_model(model, tuple(x.shape[1:])), params, batch_stats or None, x[:1])
 
     spectra: dict[str, dict] = {}
     layer_names: list[str] | None = None

@@ -7,7 +7,7 @@ Three levels, from cheap to exact:
   kept weight, and input units with no outgoing one;
 * :func:`path_report`: per layer, how many kept weights lie on at least one path from the
   input to the output, computed exactly by propagating positive values through the masked
-  network (the SynFlow construction with all kept weights set to one). ``disconnected`` is
+  network (the SynFlow construction with every kept weight positive). ``disconnected`` is
   true when no path is left: the network's output no longer depends on its input.
 
 :func:`max_critical_compression` searches the largest compression a method reaches before
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntksap_jax.masks import named_leaves
+from ntksap_jax.model import as_model
 
-__all__ = ["unit_report", "path_report", "max_critical_compression", "compression_grid"]
+__all__ = ["unit_report", "path_report", "on_path_masks", "max_critical_compression", "compression_grid"]
 
 PyTree = Any
 
@@ -63,25 +64,27 @@ def unit_report(masks: PyTree) -> list[dict]:
     return rows
 
 
-def _path_variables(params: PyTree, masks: PyTree, batch_stats: PyTree):
-    """Kept kernels := 1/fan_in (0 if pruned), other params: scales 1, biases 0; BN identity."""
+def _path_variables(spec, params: PyTree, masks: PyTree, batch_stats: PyTree):
+    """The path-propagation network: kept weights ``u/fan_in`` with ``u ~ U(0.5, 1.5)`` (0 if
+    pruned), dense weight leaves likewise, normalisation scales 1, every other param 0;
+    BatchNorm the identity (mean 0, variance 1)."""
 
-    def param(path, p, m):
-        name = str(getattr(path[-1], "key", path[-1]))
+    def param(path, p, m, key):
+        shape = np.shape(p)
+        positive = jax.random.uniform(key, shape, jnp.float64, 0.5, 1.5)
         if m is not None:
-            fan_in = max(1, int(np.prod(np.shape(p)[:-1])))
-            return (m != 0).astype(jnp.float64) / fan_in
-        if name == "kernel":  # a dense (unpruned) kernel: all connections exist
-            fan_in = max(1, int(np.prod(np.shape(p)[:-1])))
-            return jnp.full(np.shape(p), 1.0 / fan_in, jnp.float64)
-        if name == "scale":
-            return jnp.ones(np.shape(p), jnp.float64)
-        return jnp.zeros(np.shape(p), jnp.float64)  # biases and anything else
+            return (m != 0).astype(jnp.float64) * positive / spec.layout(path, shape).fan_in
+        if len(shape) > 1:  # a dense (unpruned) weight: all connections exist
+            return positive / spec.layout(path, shape).fan_in
+        if spec.norm_scale(path, p):
+            return jnp.ones(shape, jnp.float64)
+        return jnp.zeros(shape, jnp.float64)  # biases and anything else
 
     masks_full = jax.tree.map(lambda m, p: m, masks, params, is_leaf=lambda t: t is None)
     flat_p, tdef = jax.tree_util.tree_flatten_with_path(params)
     flat_m = tdef.flatten_up_to(masks_full) if masks_full is not None else [None] * len(flat_p)
-    new_params = jax.tree.unflatten(tdef, [param(path, p, m) for (path, p), m in zip(flat_p, flat_m)])
+    keys = jax.random.split(jax.random.key(0), len(flat_p))
+    new_params = jax.tree.unflatten(tdef, [param(path, p, m, k) for (path, p), m, k in zip(flat_p, flat_m, keys)])
     new_stats = None
     if batch_stats:
         new_stats = jax.tree_util.tree_map_with_path(
@@ -92,59 +95,78 @@ def _path_variables(params: PyTree, masks: PyTree, batch_stats: PyTree):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _path_value_and_grad(model, p64: PyTree, s64: PyTree, x: jax.Array):
-    def total(p):
-        variables = {"params": p} if s64 is None else {"params": p, "batch_stats": s64}
-        return jnp.sum(model.apply(variables, x, train=False))
+def _path_value_and_grad(spec, p64: PyTree, s64: PyTree, x: jax.Array):
+    def total(p, xi):
+        y = spec.apply(p, s64, xi)[0]
+        c = jax.random.uniform(jax.random.key(1), y.shape, jnp.float64, 0.5, 1.5)
+        return jnp.sum(y * c)
 
-    return jax.value_and_grad(total)(p64)
+    value, (grads, gx) = jax.value_and_grad(total, argnums=(0, 1))(p64, x)
+    return value, grads, jnp.any(gx != 0)
 
 
 def path_report(model, params: PyTree, masks: PyTree, batch_stats: PyTree, input_shape: Sequence[int]) -> dict:
     """Which kept weights lie on an input-to-output path of the masked network.
 
-    Every kept kernel entry is set to ``1/fan_in`` (positive; the scale keeps values finite),
-    biases to 0, BatchNorm to the identity (mean 0, variance 1, scale 1, bias 0), and an
-    all-ones input is propagated in float64. All activations are then non-negative, so a unit
-    is positive iff some path reaches it, and ``∂(Σ outputs)/∂w > 0`` iff weight ``w`` lies on
-    a path to the output. Pooling, ReLU and residual additions preserve this.
+    Every kept weight is set to a positive ``u/fan_in`` (``u ~ U(0.5, 1.5)``, fixed draws; the
+    scale keeps values finite), biases to 0, normalisation scales to 1, BatchNorm statistics
+    to the identity (mean 0, variance 1), and an all-ones input is propagated in float64.
+    Without a mean-subtracting layer all activations are then non-negative, so a unit is
+    positive iff some path reaches it, and a kept weight ``w`` lies on a path to the output
+    iff ``∂(Σ c·outputs)/∂w ≠ 0`` (``c > 0`` fixed draws): exact for ReLU networks with
+    BatchNorm, pooling and residual additions. With LayerNorm (transformers) the propagated
+    values change sign; the test stays exact for smooth activations (GELU) and may call a
+    weight behind a ReLU unit that happens to be negative "off path".
 
     Args:
-      model: Flax module with ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       params, masks, batch_stats: as for pruning (batch_stats may be ``None``).
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
 
     Returns:
       ``{"disconnected": bool, "total_kept": int, "effective_kept": int,
-      "layers": [{"name", "kept", "effective"}, ...]}``.
+      "layers": [{"name", "kept", "effective"}, ...]}``; ``disconnected``: the output no longer
+      depends on the input.
 
     Example::
 
       rep = path_report(model, params, masks, batch_stats, (32, 32, 3))
       if rep["disconnected"]: print("collapsed")
     """
-    with jax.enable_x64(True):
-        p64, s64 = _path_variables(params, masks, batch_stats)
-        x = jnp.ones((1, *tuple(input_shape)), jnp.float64)
-
-        try:  # compiled once per (model, shapes): max_critical_compression calls this many times
-            value, grads = _path_value_and_grad(model, p64, s64, x)
-        except (TypeError, ValueError):  # an unhashable module: compile for this call only
-            value, grads = jax.jit(lambda p, s, v: _path_value_and_grad.__wrapped__(model, p, s, v))(p64, s64, x)
-        value = float(value)
-        layers = []
-        for (name, m), (_, g), (_, w) in zip(named_leaves(masks), named_leaves(grads), named_leaves(p64)):
-            if m is None:
-                continue
-            kept = np.asarray(m) != 0
-            on_path = kept & (np.asarray(g) * np.asarray(w) > 0)
-            layers.append({"name": name, "kept": int(kept.sum()), "effective": int(on_path.sum())})
+    on_path, connected = on_path_masks(model, params, masks, batch_stats, input_shape)
+    layers = []
+    for (name, m), (_, ok) in zip(named_leaves(masks), named_leaves(on_path)):
+        if m is None:
+            continue
+        kept = np.asarray(m) != 0
+        layers.append({"name": name, "kept": int(kept.sum()), "effective": int(np.asarray(ok).sum())})
     return {
-        "disconnected": not value > 0,
+        "disconnected": not connected,
         "total_kept": sum(r["kept"] for r in layers),
         "effective_kept": sum(r["effective"] for r in layers),
         "layers": layers,
     }
+
+
+def on_path_masks(model, params: PyTree, masks: PyTree, batch_stats: PyTree, input_shape: Sequence[int]):
+    """``(on_path, connected)``: a masks-shaped pytree of booleans, True where a kept weight lies
+    on an input-output path (``None`` on dense leaves), and whether the output still depends on
+    the input. The construction is :func:`path_report`'s.
+
+    Example::
+
+      on_path, connected = on_path_masks(model, params, masks, batch_stats, (32, 32, 3))
+    """
+    spec = as_model(model, tuple(input_shape))
+    with jax.enable_x64(True):
+        p64, s64 = _path_variables(spec, params, masks, batch_stats)
+        x = jnp.ones((1, *tuple(input_shape)), jnp.float64)
+        # compiled once per (model, shapes): max_critical_compression calls this many times
+        _, grads, connected = _path_value_and_grad(spec, p64, s64, x)
+        on_path = jax.tree.map(
+            lambda m, g, w: None if m is None else (np.asarray(m) != 0) & (np.asarray(g) * np.asarray(w) != 0),
+            masks, grads, p64, is_leaf=lambda t: t is None)
+    return on_path, bool(connected)
 
 
 def compression_grid(max_compression: float = 1e4, per_decade: int = 4) -> np.ndarray:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ntksap_jax.masks import apply_masks, check_structure
+from ntksap_jax.model import as_model
 
 __all__ = ["shuffle_masks", "reinit_params"]
 
@@ -57,10 +58,12 @@ def reinit_params(key: jax.Array, model, example_input: jax.Array, masks: PyTree
 
     Args:
       key: PRNG key for the new init (use one different from the original init's).
-      model: Flax module.
+      model: a linen module, an NNX factory model or a :class:`ntksap_jax.model.Model` that
+        can re-initialise itself.
       example_input: e.g. ``jnp.zeros((1, 32, 32, 3))``.
       masks: the mask to keep.
-      **init_kwargs: extra ``__call__`` arguments for ``init`` (default ``train=False``).
+      **init_kwargs: explicit ``__call__`` arguments for a linen ``init`` (default: the
+        model's eval-mode call convention, see :func:`ntksap_jax.model.from_linen`).
 
     Returns:
       ``new_params ⊙ masks`` (the ``"params"`` collection only).
@@ -69,7 +72,10 @@ def reinit_params(key: jax.Array, model, example_input: jax.Array, masks: PyTree
 
       params = reinit_params(jax.random.key(1), model, jnp.zeros((1, 32, 32, 3)), masks)
     """
-    init_kwargs.setdefault("train", False)
-    params = jax.jit(lambda k: model.init(k, example_input, **init_kwargs)["params"])(key)
+    if init_kwargs:  # a linen module with explicit call arguments
+        params = jax.jit(lambda k: model.init(k, example_input, **init_kwargs)["params"])(key)
+    else:
+        spec = as_model(model, tuple(jnp.shape(example_input)[1:]))
+        params = jax.jit(lambda k: spec.get_variables(k)["params"])(key)
     check_structure(params, masks)
     return apply_masks(params, masks)

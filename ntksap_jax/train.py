@@ -43,6 +43,7 @@ from flax.training import train_state
 
 from ntksap_jax._io import atomic_write_text
 from ntksap_jax.masks import apply_masks, check_structure, count_kept, count_total
+from ntksap_jax.model import as_model
 from ntksap_jax.parallel import (
     batch_sharding,
     cpu_collectives_need_serial,
@@ -124,6 +125,8 @@ def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.Gradient
       inner: the optimiser to restrict, e.g. :func:`sgd`.
       masks: a params-shaped mask pytree (0/1 arrays on prunable leaves, ``None`` on dense
         ones; see :mod:`ntksap_jax.masks`), or ``None`` for no masking (returns ``inner``).
+        For NNX, the pure-dict masks of :func:`ntksap_jax.prune_model` work with
+        ``nnx.Optimizer(model, masked(tx, masks), wrt=nnx.Param)``.
 
     Returns:
       A transformation whose state is :class:`MaskedState` ``(inner_state, masks)``.
@@ -138,13 +141,30 @@ def masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.Gradient
         return inner
 
     def init_fn(params):
-        check_structure(params, masks)
+        aligned = _masks_for(params, masks)
+        check_structure(params, aligned)
         stored = jax.tree.map(
-            lambda m, p: None if m is None else jnp.asarray(m, jnp.result_type(p)), masks, params, is_leaf=_is_none
+            lambda m, p: None if m is None else jnp.asarray(m, jnp.result_type(p)), aligned, params, is_leaf=_is_none
         )
         return MaskedState(inner_state=inner.init(params), masks=stored)
 
     return optax.GradientTransformation(init_fn, _masked_update(inner))
+
+
+def _masks_for(params, masks):
+    """``masks`` in the structure of ``params``: as given, or, for an ``nnx.State`` of params
+    (``nnx.Optimizer(model, masked(tx, masks), wrt=nnx.Param)``) and pure-dict masks (as
+    :func:`ntksap_jax.prune_model` returns them), an ``nnx.State`` with ones on dense leaves."""
+    if not hasattr(params, "to_pure_dict") or hasattr(masks, "to_pure_dict"):
+        return masks
+    from ntksap_jax.model import _replace_by_pure, _to_pure
+
+    pure = _to_pure(params)
+    check_structure(pure, masks)
+    full = jax.tree.map(lambda m, p: jnp.ones_like(p) if m is None else jnp.asarray(m), masks, pure, is_leaf=_is_none)
+    state = jax.tree.map(lambda p: p, params)
+    _replace_by_pure(state, full)
+    return state
 
 
 @functools.lru_cache(maxsize=64)
@@ -321,6 +341,9 @@ class TrainState(train_state.TrainState):
     """A Flax ``TrainState`` (``step``, ``params``, ``opt_state``; static ``apply_fn``, ``tx``)
     plus the model's ``batch_stats`` (``{}`` for models without BatchNorm).
 
+    ``apply_fn`` is a :class:`ntksap_jax.model.Model`'s ``apply(params, state, x, *, train,
+    rng) -> (logits, state)``, for linen, NNX and ``apply_fn`` models alike.
+
     ``masks`` is the mask pytree stored in the :func:`masked` optimiser state (``None`` for
     a dense run).
 
@@ -356,25 +379,30 @@ def init_model(model, input_shape: Sequence[int], seed: int) -> tuple[PyTree, ja
     """
     init_key, prune_key = jax.random.split(jax.random.key(seed))
     shape = tuple(int(d) for d in input_shape)
+    spec = as_model(model, shape)
+    if spec.init is None:  # an NNX instance or an apply_fn model without init_fn: its own variables
+        return spec.get_variables(), prune_key
     try:
-        init = _jitted_init(model, shape)
-    except TypeError:  # an unhashable module
-        init = _jitted_init.__wrapped__(model, shape)
+        init = _jitted_init(spec)
+    except TypeError:  # an unhashable model
+        init = _jitted_init.__wrapped__(spec)
     return init(init_key), prune_key
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_init(model, input_shape: tuple) -> Callable:
-    # Cached per (module, shape): equal modules share one compilation across calls.
-    return jax.jit(lambda k: model.init(k, jnp.zeros((1, *input_shape), jnp.float32), train=False))
+def _jitted_init(spec) -> Callable:
+    # Cached per model: equal modules share one Model (as_model's cache) and so one compilation.
+    return jax.jit(spec.init)
 
 
 def create_train_state(model, variables: PyTree, masks: PyTree, tx: optax.GradientTransformation) -> TrainState:
     """A :class:`TrainState` at step 0 with params ``θ₀ ⊙ m`` and optimiser ``masked(tx, masks)``.
 
     Args:
-      model: the Flax module (``model.apply`` becomes ``state.apply_fn``).
-      variables: ``model.init`` output, ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` optional).
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model` (its ``apply`` becomes
+        ``state.apply_fn``).
+      variables: ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` optional), e.g.
+        :func:`init_model`'s; ``None`` for an NNX module or ``apply_fn`` model: its current variables.
       masks: mask pytree for ``variables["params"]``, or ``None`` for dense training.
       tx: the optimiser, e.g. :func:`sgd`; it is wrapped in :func:`masked` here, so pruned
         weights cannot move whatever ``tx`` is.
@@ -384,6 +412,9 @@ def create_train_state(model, variables: PyTree, masks: PyTree, tx: optax.Gradie
       state = create_train_state(model, variables, masks, sgd(0.1, momentum=0.9, weight_decay=1e-4))
       pruned_weights_are_zero(state.params, masks)   # True
     """
+    spec = as_model(model)
+    if variables is None and spec.variables is not None:
+        variables = spec.variables
     if not isinstance(variables, dict) and not hasattr(variables, "keys"):
         raise ValueError(f"variables must be the dict returned by model.init; got {type(variables).__name__}")
     if "params" not in variables:
@@ -394,7 +425,7 @@ def create_train_state(model, variables: PyTree, masks: PyTree, tx: optax.Gradie
         params = apply_masks(params, masks)
     batch_stats = variables.get("batch_stats", {})
     opt_state = masked(tx, masks).init(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply, params=params,
+    return TrainState(step=jnp.zeros((), jnp.int32), apply_fn=spec.apply, params=params,
                       tx=tx if masks is None else _masked_for_state(tx), opt_state=opt_state, batch_stats=batch_stats)
 
 
@@ -418,8 +449,8 @@ def _batch_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> 
     return loss_sum / jnp.maximum(count, 1.0), metrics
 
 
-def _variables(params, batch_stats) -> dict:
-    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+#: The seed of the dropout keys ``fold_in(key(_DROPOUT_SEED), step)`` (models with dropout).
+_DROPOUT_SEED = 0x5EED
 
 
 def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -446,13 +477,14 @@ def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """
     weights = batch["mask"].astype(jnp.float32)
 
+    # Dropout (if the model has any) draws from a key that is a pure function of the step:
+    # resuming from a checkpoint replays it bit for bit.
+    rng = jax.random.fold_in(jax.random.key(_DROPOUT_SEED), state.step)
+
     def loss_fn(params):
-        out = state.apply_fn(
-            _variables(params, state.batch_stats), batch["image"], train=True, mutable=["batch_stats"]
-        )
-        logits, updates = out
+        logits, stats = state.apply_fn(params, state.batch_stats or None, batch["image"], train=True, rng=rng)
         loss, metrics = _batch_metrics(logits, batch["label"], weights)
-        return loss, (metrics, updates.get("batch_stats", state.batch_stats))
+        return loss, (metrics, stats if stats else state.batch_stats)
 
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -479,7 +511,7 @@ def eval_step(state: TrainState, batch: dict) -> dict:
       m = eval_step(state, batch)
       int(m["correct_top1"]) / int(m["count"])
     """
-    logits = state.apply_fn(_variables(state.params, state.batch_stats), batch["image"], train=False)
+    logits = state.apply_fn(state.params, state.batch_stats or None, batch["image"], train=False)[0]
     return _batch_metrics(logits, batch["label"], batch["mask"].astype(jnp.float32))[1]
 
 

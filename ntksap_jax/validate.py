@@ -118,7 +118,7 @@ def _compare(name, theirs, ours, seconds, tol, note=""):
 
 
 def validate_ntk(
-    model: nn.Module,
+    model,
     variables: PyTree,
     masks: PyTree | None,
     x: jax.Array,
@@ -130,7 +130,7 @@ def validate_ntk(
     """Compare our empirical NTK of the masked network with neural-tangents'.
 
     Args:
-      model: a Flax module with ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       variables: ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` optional). Use
         float64 params and inputs (under ``jax_enable_x64``) for the float64 check:
         Flax makes float32 params even with x64 on.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import to_f64
+from conftest import official_bn_stats, to_f64
 from ntksap_jax import apply_masks, count_total, get_model, init_masks, ntksap_objective, ntksap_scorer, prune
 from ntksap_jax.models import LotteryResNet
 from ntksap_jax.scores import (
@@ -144,7 +144,9 @@ def test_sample_gradient_freezes_bn_statistics_float64(x64, small_resnet):
     stem = jax.lax.conv_general_dilated(x, theta["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     stats = bn_statistics(model, apply_masks(theta, masks), batch_stats, x)
     np.testing.assert_allclose(stats["bn"]["mean"], stem.mean(axis=(0, 1, 2)), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(stats["bn"]["var"], stem.var(axis=(0, 1, 2)), rtol=1e-10, atol=1e-12)
+    # the official code normalises with PyTorch's running_var after a momentum-1.0 pass: the
+    # unbiased variance (ddof=1 over N·H·W = 384 values), 384/383 times Flax's biased one
+    np.testing.assert_allclose(stats["bn"]["var"], stem.var(axis=(0, 1, 2), ddof=1), rtol=1e-10, atol=1e-12)
 
     frozen_fn = jax.jit(lambda m: objective(m, stats))
     moving_fn = jax.jit(lambda m: objective(m, None))
@@ -176,13 +178,19 @@ def test_sample_gradient_freezes_bn_statistics_float64(x64, small_resnet):
 @pytest.mark.parametrize("estimator", ["finite_difference", "jvp"])
 def test_one_pass_statistics_equal_the_separate_train_mode_pass_float64(x64, small_resnet, estimator):
     """apply_with_batch_statistics (statistics taken during the forward pass) against the
-    two-pass reference: a train-mode pass with momentum 0, then eval mode with those statistics."""
+    two-pass reference of the official code: a train-mode pass with momentum 0 (Flax's biased
+    variance), its variances made unbiased by hand (times n/(n-1), n the values per channel
+    each BatchNorm saw), then eval mode with those statistics."""
     model, params, batch_stats = small_resnet
     params, batch_stats = to_f64(params), to_f64(batch_stats)
     masks = init_masks(params)
     key = jax.random.key(7)
     theta, x, z = ntksap_sample_draws(key, params, masks, (6, 8, 8, 3))
     masked = apply_masks(theta, masks)
+
+    def bn_statistics(model, p, bs, xb):  # the separate momentum-0 pass, unbiased by hand
+        return official_bn_stats(model, {"params": p, "batch_stats": bs}, xb)
+
     ref_stats = bn_statistics(model, masked, batch_stats, x)
     y, stats = apply_with_batch_statistics(model, masked, batch_stats, x)
     for a, b in zip(jax.tree.leaves(ref_stats), jax.tree.leaves(stats)):

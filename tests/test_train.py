@@ -12,6 +12,7 @@ import pytest
 
 from ntksap_jax import apply_masks, count_kept, count_total, get_model, ntksap_scorer, prune, random_scorer
 from ntksap_jax.data import load
+from ntksap_jax.model import as_model
 from ntksap_jax.presets import PRESETS, get_preset, list_presets
 from ntksap_jax.train import (
     MaskedState,
@@ -76,7 +77,7 @@ def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay(digits
 
     # The check can fail: the same loop with an UNMASKED optimiser moves pruned weights (their
     # gradients are non-zero although the weights are 0).
-    state = TrainState.create(apply_fn=mlp.apply, params=apply_masks(variables["params"], masks),
+    state = TrainState.create(apply_fn=as_model(mlp).apply, params=apply_masks(variables["params"], masks),
                               tx=sgd(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4), batch_stats={})
     assert pruned_weights_are_zero(state.params, masks)
     for batch in digits.train_batches(64, seed=0, epoch=0):

@@ -22,10 +22,12 @@ from ntksap_jax.scores.basic import magnitude_scorer, random_scorer
 from ntksap_jax.scores.grasp import grasp_scorer
 from ntksap_jax.scores.ntksap import (
     Estimator,
+    Reinit,
     SampleLoop,
     apply_with_batch_statistics,
     bn_statistics,
     kaiming_normal_reinit,
+    make_reinit,
     ntksap_objective,
     ntksap_sample_draws,
     ntksap_sample_gradient,
@@ -53,7 +55,9 @@ __all__ = [
     "apply_with_batch_statistics",
     "bn_statistics",
     "kaiming_normal_reinit",
+    "make_reinit",
     "Estimator",
+    "Reinit",
     "SampleLoop",
 ]
 

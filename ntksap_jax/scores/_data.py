@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntksap_jax.model import as_model
 from ntksap_jax.parallel import shard_examples
 
 PyTree = Any
@@ -163,11 +164,9 @@ def prune_data(
 
 
 def train_apply(model, params: PyTree, batch_stats: PyTree, x: jax.Array) -> jax.Array:
-    """Logits of a train-mode pass (BatchNorm on batch statistics; updated statistics dropped)."""
-    if batch_stats:
-        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-        return out
-    return model.apply({"params": params}, x, train=True)
+    """Logits of a train-mode pass (BatchNorm on batch statistics; updated statistics dropped;
+    dropout off: scoring needs no PRNG). ``model``: a linen/NNX module or a ``Model``."""
+    return as_model(model, tuple(x.shape[1:])).apply(params, batch_stats, x, train=True)[0]
 
 
 def params_dtype(params: PyTree):

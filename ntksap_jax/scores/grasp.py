@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from ntksap_jax.masks import apply_masks
+from ntksap_jax.model import as_model
 from ntksap_jax.scores._data import LossFn, check_positive_float, params_dtype, prune_data, resolve_loss
 from ntksap_jax.scores.snip import prune_loss
 
@@ -59,7 +60,7 @@ def grasp_scorer(
     Scores are signed (never abs-ed); larger = keep, as the official code ranks them.
 
     Args:
-      model: Flax module with ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
       num_classes: number of classes (labels are drawn from it when ``data`` is None).
       data: optional labelled ``(x, y)``: ``x`` of shape ``(N, *input_shape)``, ``y`` int labels
@@ -79,6 +80,7 @@ def grasp_scorer(
       score = grasp_scorer(model, (32, 32, 3), num_classes=10, data=(x[:100], y[:100]))
       result = prune(score, v["params"], batch_stats=v["batch_stats"], density=0.05, key=jax.random.key(1))
     """
+    model = as_model(model, input_shape)
     temperature = check_positive_float(temperature, "temperature")
     loss_fn = resolve_loss(loss, "grasp")
     pdata = prune_data("grasp", input_shape, num_classes=num_classes, data=data, num_inputs=num_inputs,

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ntksap_jax.masks import apply_masks
+from ntksap_jax.model import as_model
 from ntksap_jax.scores._data import LossFn, cross_entropy, params_dtype, prune_data, resolve_loss, train_apply
 
 __all__ = ["snip_scorer", "iterative_snip_scorer", "prune_loss"]
@@ -44,7 +45,7 @@ def prune_loss(model, params: PyTree, batch_stats: PyTree, batches, loss: LossFn
     """``Σ_b loss(f(params; x_b) / temperature, y_b)`` with BatchNorm in train mode.
 
     Args:
-      model: Flax module, ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       params: the (already masked) params.
       batch_stats: the model's batch_stats, or ``None``/``{}`` without BatchNorm.
       batches: ``[(x_b, y_b), ...]`` with ``x_b`` of shape ``(n_b, *input_shape)`` and
@@ -70,6 +71,7 @@ def prune_loss(model, params: PyTree, batch_stats: PyTree, batches, loss: LossFn
 
 
 def _make(who: str, which: str, model, input_shape, *, num_classes, data, num_inputs, batch_size, loss) -> ScoreFn:
+    model = as_model(model, input_shape)
     loss_fn = resolve_loss(loss, who)
     pdata = prune_data(who, input_shape, num_classes=num_classes, data=data, num_inputs=num_inputs,
                        batch_size=batch_size, stacklevel=4)
@@ -110,7 +112,7 @@ def snip_scorer(
     over the prune batches, BatchNorm in train mode (see the module docstring).
 
     Args:
-      model: Flax module with ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
       num_classes: number of classes (labels are drawn from it when ``data`` is None).
       data: optional labelled ``(x, y)``: ``x`` of shape ``(N, *input_shape)``, ``y`` int

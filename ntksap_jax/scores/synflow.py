@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ntksap_jax.masks import apply_masks
+from ntksap_jax.model import as_model
 from ntksap_jax.scores._data import check_positive_int, params_dtype
 
 __all__ = ["synflow_scorer", "synflow_objective"]
@@ -55,7 +56,7 @@ def synflow_objective(model, params: PyTree, masks: PyTree, batch_stats: PyTree,
     :func:`synflow_scorer` does); ``masks`` are applied to ``params`` in the forward pass.
 
     Args:
-      model: Flax module, ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       params: params pytree (already ``|θ|``).
       masks: mask pytree (``None`` on dense leaves).
       batch_stats: BatchNorm statistics (already absolute), or ``None``/``{}``.
@@ -70,8 +71,7 @@ def synflow_objective(model, params: PyTree, masks: PyTree, batch_stats: PyTree,
     """
     x = jnp.ones((1, *tuple(input_shape)), params_dtype(params))
     w = apply_masks(params, masks)
-    variables = {"params": w, "batch_stats": batch_stats} if batch_stats else {"params": w}
-    return jnp.sum(model.apply(variables, x, train=False))
+    return jnp.sum(as_model(model, input_shape).apply(w, batch_stats, x)[0])
 
 
 def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None = None, float64: bool = False) -> ScoreFn:
@@ -82,7 +82,7 @@ def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None
     ``key`` is ignored (SynFlow is deterministic). Use about 100 pruning iterations.
 
     Args:
-      model: Flax module with ``__call__(x, train)``.
+      model: a linen or NNX module or a :class:`ntksap_jax.model.Model`.
       input_shape: one example's shape, e.g. ``(32, 32, 3)``.
       num_classes: accepted for a uniform factory signature; unused (checked if given).
       float64: run the computation in float64 (params, statistics and input are cast;
@@ -108,6 +108,7 @@ def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None
     if not isinstance(float64, bool):
         raise ValueError(f"float64 must be True or False; got {float64!r}")
     input_shape = tuple(int(s) for s in input_shape)
+    model = as_model(model, input_shape)
 
     @jax.jit
     def _score(params, masks, batch_stats):

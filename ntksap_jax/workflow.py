@@ -1,0 +1,253 @@
+"""The library's pruning workflow for any model: :func:`prune_model`.
+
+One call takes a linen module (with its variables, or initialised here), an NNX module, or a
+:class:`ntksap_jax.model.Model` (e.g. :func:`ntksap_jax.model.from_apply_fn` for Equinox,
+stax or Haiku), scores it with any registered method, prunes it on the method's schedule, and
+returns the masks and the masked initial params in the model's own structure with a report.
+
+Example::
+
+    result = prune_model(cnn, input_shape=(8, 8, 1), density=0.1, key=jax.random.key(0))
+    result.report["total_kept"], result.report["collapsed_layers"]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ntksap_jax.masks import apply_masks, count_kept, count_total, density_report, init_masks, path_name
+from ntksap_jax.model import Model, as_model, forward_order
+from ntksap_jax.prune import prune
+from ntksap_jax.scores import get_scorer
+
+__all__ = ["PrunedModel", "prune_model", "DEFAULT_ITERATIONS", "unit_norm_scales"]
+
+PyTree = Any
+
+#: Pruning rounds by method when ``iterations`` is not given (the official scripts: NTK-SAP
+#: T = 20 on CIFAR-10, SynFlow and iterative SNIP 100; the others one-shot).
+DEFAULT_ITERATIONS = {"ntksap": 20, "synflow": 100, "iterative_snip": 100}
+
+_DATA_METHODS = ("snip", "iterative_snip", "grasp")
+
+
+class PrunedModel(NamedTuple):
+    """What :func:`prune_model` returns.
+
+    Attributes:
+      masks: the final masks in the model's own structure (linen/NNX: a pure params dict with
+        ``None`` on dense leaves; ``apply_fn`` models: the user's params structure).
+      params: the initial params ``θ₀ ⊙ m`` in the same structure (NNX: write them back with
+        ``model.update_nnx(module, params)``).
+      report: a JSON-ready dict (see :func:`prune_model`).
+      history: one row per pruning round (:class:`ntksap_jax.prune.PruneResult`).
+      model: the :class:`ntksap_jax.model.Model` that was pruned.
+      variables: ``{"params": θ₀, "batch_stats"?}`` in the library's structure (what
+        :func:`ntksap_jax.train` takes with :attr:`library_masks`).
+      library_masks: the masks in the library's structure (equal to ``masks`` for linen/NNX).
+    """
+
+    masks: PyTree
+    params: PyTree
+    report: dict
+    history: list
+    model: Model
+    variables: dict
+    library_masks: PyTree
+
+
+def unit_norm_scales(model: Model, params: PyTree) -> tuple[PyTree, list[str]]:
+    """``params`` with every normalisation scale that is all zero set to ones, and their names.
+
+    A zero-initialised scale (the "zero-init residual" trick: the last BatchNorm of each block
+    starts at 0) makes every weight of its branch score exactly 0 under NTK-SAP, SynFlow and
+    SNIP alike; the tie rule then keeps weights on no path and whole layers empty. Scoring
+    at scale 1 ranks the branch as if it were open; training still starts from the original
+    init.
+
+    Example::
+
+      scoring_params, names = unit_norm_scales(as_model(resnet, (32, 32, 3)), variables["params"])
+    """
+    names: list[str] = []
+
+    def one(path, leaf):
+        if model.norm_scale(path, leaf) and not bool(jnp.any(leaf != 0)):
+            names.append(path_name(path))
+            return jnp.ones_like(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(one, params), names
+
+
+def _num_outputs(model: Model, params, state, input_shape) -> int:
+    out = jax.eval_shape(lambda p, s: model.apply(p, s, jnp.zeros((1, *input_shape), jnp.float32))[0], params, state)
+    if len(out.shape) != 2:
+        raise ValueError(f"{model.name} must return logits of shape (N, K); got {tuple(out.shape)} for N=1")
+    return int(out.shape[1])
+
+
+def prune_model(
+    model,
+    *,
+    input_shape: Sequence[int],
+    density: float,
+    key: jax.Array,
+    method: str = "ntksap",
+    variables: dict | None = None,
+    iterations: int | None = None,
+    samples: int | None = None,
+    num_inputs: int | None = None,
+    data=None,
+    num_classes: int | None = None,
+    zero_norm_scales: str = "one",
+    reinit: str | Callable = "auto",
+    on_collapse: str = "warn",
+    off_path: str = "reallocate",
+    schedule: str = "exponential",
+    distribution: str = "global",
+    prunable: Callable | None = None,
+    mesh=None,
+    progress: Callable | None = None,
+    **scorer_kwargs,
+) -> PrunedModel:
+    """Prune any model at initialization with any registered method.
+
+    Args:
+      model: a ``flax.linen`` module (any call convention), an ``nnx.Module``, or a
+        :class:`ntksap_jax.model.Model` (:func:`~ntksap_jax.model.from_apply_fn` for Equinox,
+        stax, Haiku; :func:`~ntksap_jax.model.from_nnx` with a factory to re-draw an NNX
+        model with its own initializers).
+      input_shape: one example's shape, e.g. ``(32, 32, 3)``.
+      density: final kept fraction of the prunable weights, in (0, 1].
+      key: PRNG key. Without ``variables``, a linen model is initialised as
+        :func:`ntksap_jax.init_model` does (``init_key, prune_key = split(key)``); otherwise
+        ``key`` is the pruning key.
+      method: a registered scorer (:func:`ntksap_jax.list_scorers`).
+      variables: ``{"params", "batch_stats"?}`` to prune (linen); default: initialise here
+        (linen), or the module's own (NNX instance, ``apply_fn`` model).
+      iterations: pruning rounds; default :data:`DEFAULT_ITERATIONS` (else 1).
+      samples, num_inputs: NTK-SAP's ``R`` (default 5) and Gaussian inputs per repeat
+        (default ``10 × K``, ``K`` the number of outputs); ``num_inputs`` also sets the
+        data-driven methods' batch.
+      data: ``(x, y)`` labelled examples for SNIP, iterative SNIP and GraSP (without it they
+        score Gaussian inputs with random labels, and warn).
+      num_classes: for the data-driven methods; default the model's output width.
+      zero_norm_scales: ``"one"`` (default): normalisation scales that are all zero are scored
+        at 1 (:func:`unit_norm_scales`; named in ``report["unit_scored_norm_scales"]``);
+        ``"keep"``: score them as they are.
+      reinit: NTK-SAP's weight re-draws: ``"auto"`` (kaiming on the zoo and on models that
+        cannot re-initialise, the model's own initializers otherwise), ``"kaiming"``,
+        ``"init"`` or a callable (see :func:`ntksap_jax.scores.make_reinit`).
+      on_collapse: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` (see :func:`ntksap_jax.prune`).
+      off_path: ``"reallocate"`` (default): kept weights on no input-output path (iterative
+        pruning leaves a few: a round keeps the weights out of a unit whose last incoming
+        weights it prunes) give their budget to the next-ranked weights on a path, so the
+        mask keeps exactly ``round(density · N)`` weights and all of them matter;
+        ``report["reallocated"]`` says how many moved. ``"keep"``: the official algorithm's
+        mask as it comes out (:func:`ntksap_jax.prune`'s default; the warning counts them).
+      schedule, distribution, mesh, progress: as :func:`ntksap_jax.prune`.
+      prunable: ``prunable(path, leaf) -> bool``; default the model's filter (linen/NNX:
+        leaves named ``kernel`` with ``ndim > 1``; ``apply_fn``: every leaf with ``ndim > 1``).
+      **scorer_kwargs: more options of the method's scorer (e.g. ``eps``, ``estimator``,
+        ``batch_size``, ``float64``).
+
+    Returns:
+      :class:`PrunedModel`. ``report`` has ``model``, ``kind``, ``method``, ``density_target``,
+      ``density_actual``, ``total_prunable``, ``total_kept``, ``layers`` (``name``, ``shape``,
+      ``kept``, ``total``, ``density``, ``effective`` in forward order), ``collapsed_layers``,
+      ``zero_score_layers``, ``disconnected``, ``effective_kept``, ``off_path_kept``,
+      ``reallocated``, ``unit_scored_norm_scales``, ``iterations``, ``scorer`` (the configuration) and
+      ``seconds``.
+
+    Raises:
+      ValueError: a bad argument (the message names it);
+      ntksap_jax.prune.DegenerateMaskError: ``on_collapse="raise"`` and a degenerate mask.
+
+    Example::
+
+      result = prune_model(vit, input_shape=(32, 32, 3), density=0.1, key=jax.random.key(0),
+                           iterations=3)
+      masked_vars = {"params": result.params}
+    """
+    if zero_norm_scales not in ("one", "keep"):
+        raise ValueError(f"zero_norm_scales must be 'one' or 'keep'; got {zero_norm_scales!r}")
+    shape = tuple(int(s) for s in input_shape)
+    spec = as_model(model, shape)
+    if variables is None and spec.variables is None:
+        init_key, key = jax.random.split(key)
+        variables = jax.jit(spec.init)(init_key)
+    elif variables is None:
+        variables = spec.variables
+    params = variables["params"]
+    state = variables.get("batch_stats") or None
+    masks0 = init_masks(params, prunable or spec.prunable)
+    if count_total(masks0) == 0:
+        raise ValueError(f"{spec.name}: no prunable weights (the filter selected no leaf); pass prunable=")
+    scoring_params, unit_scaled = (unit_norm_scales(spec, params) if zero_norm_scales == "one" else (params, []))
+
+    iterations = DEFAULT_ITERATIONS.get(method, 1) if iterations is None else iterations
+    config = _scorer_config(method, spec, scoring_params, state, shape, samples=samples, num_inputs=num_inputs,
+                            data=data, num_classes=num_classes, reinit=reinit, extra=scorer_kwargs)
+    score_fn = get_scorer(method)(spec, shape, **config)
+    start = time.perf_counter()
+    result = prune(score_fn, scoring_params, masks0, density=density, iterations=iterations, key=key,
+                   batch_stats=state, schedule=schedule, distribution=distribution, invert=False, progress=progress,
+                   mesh=mesh, on_collapse=on_collapse, model=spec, input_shape=shape,
+                   off_path=off_path if distribution == "global" else "keep")
+    seconds = time.perf_counter() - start
+    masks = result.masks
+    diag = result.diagnostics
+    order = forward_order(spec, params, state, jnp.zeros((1, *shape), jnp.float32))
+    rows = density_report(masks, order)
+    kept, total = count_kept(masks), count_total(masks)
+    report = {
+        "model": spec.name,
+        "kind": spec.kind,
+        "method": method,
+        "density_target": float(density),
+        "density_actual": kept / total,
+        "total_prunable": total,
+        "total_kept": kept,
+        "layers": rows,
+        "collapsed_layers": diag["collapsed_layers"],
+        "zero_score_layers": diag["zero_score_layers"],
+        "disconnected": diag["disconnected"],
+        "effective_kept": kept - diag["off_path_kept"],
+        "off_path_kept": diag["off_path_kept"],
+        "unit_scored_norm_scales": unit_scaled,
+        "reallocated": diag.get("reallocated", 0),
+        "iterations": int(iterations),
+        "scorer": {k: v for k, v in config.items() if k != "data"},
+        "seconds": seconds,
+    }
+    if data is not None:
+        report["scorer"]["data"] = f"{len(data[1])} labelled examples"
+    params_out = apply_masks(params, masks)
+    return PrunedModel(masks=spec.to_native(masks), params=spec.to_native(params_out), report=report,
+                       history=result.history, model=spec, variables=dict(variables), library_masks=masks)
+
+
+def _scorer_config(method, spec, params, state, shape, *, samples, num_inputs, data, num_classes, reinit, extra):
+    config = dict(extra)
+    if method == "ntksap":
+        k = _num_outputs(spec, params, state, shape)
+        config.setdefault("samples", 5 if samples is None else samples)
+        config.setdefault("num_inputs", 10 * k if num_inputs is None else num_inputs)
+        config.setdefault("reinit", reinit)
+    elif method in _DATA_METHODS:
+        config["num_classes"] = num_classes if num_classes is not None else _num_outputs(spec, params, state, shape)
+        if num_inputs is not None:
+            config["num_inputs"] = num_inputs
+        if data is not None:
+            config["data"] = data
+    else:
+        for name, value in (("samples", samples), ("num_inputs", num_inputs), ("data", data)):
+            if value is not None:
+                raise ValueError(f"method {method!r} takes no {name} (only ntksap, and the data-driven "
+                                 f"snip, iterative_snip and grasp, do); got {name}={value!r}")
+    return config
