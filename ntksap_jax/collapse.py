@@ -69,26 +69,27 @@ def _path_variables(spec, params: PyTree, masks: PyTree, batch_stats: PyTree):
     pruned), dense weight leaves likewise, normalisation scales 1, every other param 0;
     BatchNorm the identity (mean 0, variance 1)."""
 
-    def param(path, p, m, key):
+    rng = np.random.default_rng(0)  # fixed draws, on the host (no compiled kernel per leaf shape)
+
+    def param(path, p, m):
         shape = np.shape(p)
-        positive = jax.random.uniform(key, shape, jnp.float64, 0.5, 1.5)
         if m is not None:
-            return (m != 0).astype(jnp.float64) * positive / spec.layout(path, shape).fan_in
+            positive = rng.uniform(0.5, 1.5, shape)
+            return (np.asarray(m) != 0) * positive / spec.layout(path, shape).fan_in
         if len(shape) > 1:  # a dense (unpruned) weight: all connections exist
-            return positive / spec.layout(path, shape).fan_in
+            return rng.uniform(0.5, 1.5, shape) / spec.layout(path, shape).fan_in
         if spec.norm_scale(path, p):
-            return jnp.ones(shape, jnp.float64)
-        return jnp.zeros(shape, jnp.float64)  # biases and anything else
+            return np.ones(shape)
+        return np.zeros(shape)  # biases and anything else
 
     masks_full = jax.tree.map(lambda m, p: m, masks, params, is_leaf=lambda t: t is None)
     flat_p, tdef = jax.tree_util.tree_flatten_with_path(params)
     flat_m = tdef.flatten_up_to(masks_full) if masks_full is not None else [None] * len(flat_p)
-    keys = jax.random.split(jax.random.key(0), len(flat_p))
-    new_params = jax.tree.unflatten(tdef, [param(path, p, m, k) for (path, p), m, k in zip(flat_p, flat_m, keys)])
+    new_params = jax.tree.unflatten(tdef, [param(path, p, m) for (path, p), m in zip(flat_p, flat_m)])
     new_stats = None
     if batch_stats:
         new_stats = jax.tree_util.tree_map_with_path(
-            lambda path, s: (jnp.ones if str(getattr(path[-1], "key", "")) == "var" else jnp.zeros)(np.shape(s), jnp.float64),
+            lambda path, s: (np.ones if str(getattr(path[-1], "key", "")) == "var" else np.zeros)(np.shape(s)),
             batch_stats,
         )
     return new_params, new_stats
@@ -160,7 +161,7 @@ def on_path_masks(model, params: PyTree, masks: PyTree, batch_stats: PyTree, inp
     spec = as_model(model, tuple(input_shape))
     with jax.enable_x64(True):
         p64, s64 = _path_variables(spec, params, masks, batch_stats)
-        x = jnp.ones((1, *tuple(input_shape)), jnp.float64)
+        x = np.ones((1, *tuple(input_shape)))
         # compiled once per (model, shapes): max_critical_compression calls this many times
         _, grads, connected = _path_value_and_grad(spec, p64, s64, x)
         on_path = jax.tree.map(

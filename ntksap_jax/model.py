@@ -295,9 +295,15 @@ def _stats_interceptor(next_fun, args, kwargs, context, *, seen: list):
 
 
 def _identity_dropout(next_fun, args, kwargs, context):
-    """Dropout as the identity (scoring and any train-mode pass without a dropout key)."""
-    if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
-        return args[0]
+    """Dropout as the identity (scoring and any train-mode pass without a dropout key): ``nn.Dropout``
+    returns its input, and attention's own dropout (``MultiHeadDotProductAttention``) is made
+    deterministic."""
+    module = context.module
+    if context.method_name == "__call__":
+        if isinstance(module, nn.Dropout):
+            return args[0]
+        if isinstance(module, nn.MultiHeadDotProductAttention) and module.deterministic is None:
+            kwargs = {**kwargs, "deterministic": True}
     return next_fun(*args, **kwargs)
 
 
@@ -551,11 +557,16 @@ def from_nnx(
     _check_pure_order(p_state, variables["params"])
     layouts = _nnx_layout_table(module)
     stats_bn = _make_stats_batchnorm()
+    rest_leaves, rest_def = jax.tree.flatten(rest)
 
-    def merged(params, state):
+    def merged(params, state, rng=None):
         p = jax.tree.unflatten(p_def, jax.tree.leaves(params))
         s = jax.tree.unflatten(s_def, jax.tree.leaves(state)) if has_state else s_state
-        return nnx.merge(graphdef, p, s, rest)
+        leaves = rest_leaves
+        if rng is not None:  # fresh dropout keys: every PRNG key of the module derived from rng
+            leaves = [jax.random.fold_in(rng, i) if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key)
+                      else leaf for i, leaf in enumerate(rest_leaves)]
+        return nnx.merge(graphdef, p, s, jax.tree.unflatten(rest_def, leaves))
 
     def set_mode(m, train: bool, dropout: bool):
         for _, sub in nnx.iter_modules(m):
@@ -570,10 +581,8 @@ def from_nnx(
         return _to_pure(nnx.state(m, nnx.BatchStat)) if has_state else None
 
     def apply(params, state, x, *, train: bool = False, rng: jax.Array | None = None):
-        m = merged(params, state)
+        m = merged(params, state, rng if train else None)
         set_mode(m, train, train and rng is not None)
-        if train and rng is not None:
-            nnx.reseed(m, dropout=rng, default=rng)
         y = m(x)
         return y, (state_of(m) if train else state)
 
@@ -616,8 +625,11 @@ def from_nnx(
 
 def _check_pure_order(state, pure) -> None:
     """The NNX state's leaves and the pure dict's leaves come in the same order (sorted keys)."""
-    names_state = [path_name([k for k in p if path_name([k]) != "value"]) for p, _ in
-                   jax.tree_util.tree_flatten_with_path(state)[0]]
+    def strip(path):  # a Variable flattens to its value: drop that trailing attribute key
+        last = path[-1] if path else None
+        return path[:-1] if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value" else path
+
+    names_state = [path_name(strip(p)) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
     names_pure = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
     if names_state != names_pure:
         raise ValueError("internal: NNX state and its pure dict flatten in different orders; "
