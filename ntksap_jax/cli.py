@@ -747,7 +747,8 @@ def _run_prune(args, data=None) -> int:
     mesh = _mesh(args)
     result = prune(score_fn, params, masks0, density=density, iterations=config["iterations"], key=prune_key,
                    batch_stats=batch_stats, schedule=config["schedule"], distribution=config["distribution"],
-                   invert=config["invert"], progress=progress, mesh=mesh)
+                   invert=config["invert"], progress=progress, mesh=mesh,
+                   on_collapse="ignore")  # reported below, with the path counts
     masks = result.masks
     if config["shuffle"]:
         masks = shuffle_masks(jax.random.fold_in(prune_key, SHUFFLE_KEY), masks)
@@ -778,6 +779,7 @@ def _run_prune(args, data=None) -> int:
         "disconnected": paths["disconnected"],
         "effective_kept": paths["effective_kept"],
         "dead_units": sum(r["dead_outputs"] for r in rows),
+        "zero_score_layers": result.diagnostics["zero_score_layers"],
         "history": result.history,
         "environment": {
             "ntksap_jax": ntksap_jax.__version__,
@@ -799,6 +801,9 @@ def _run_prune(args, data=None) -> int:
     )
     print(f"{paths['effective_kept']:,} of the kept weights lie on an input-output path; "
           f"{report['dead_units']:,} units receive no weight")
+    if report["zero_score_layers"]:
+        print(f"WARNING: ALL SCORES 0 (the method could not rank them) in {', '.join(report['zero_score_layers'])}",
+              file=sys.stderr)
     if report["collapsed_layers"]:
         print(f"WARNING: LAYER COLLAPSE: no weight left in {', '.join(report['collapsed_layers'])}", file=sys.stderr)
     if paths["disconnected"]:

@@ -459,3 +459,46 @@ def test_neural_tangents_public_door():
     init_fn, apply_fn, kernel_fn = nt.stax.serial(nt.stax.Dense(8), nt.stax.Relu(), nt.stax.Dense(1))
     _, params = init_fn(jax.random.key(0), (-1, 3))
     assert apply_fn(params, jnp.ones((2, 3))).shape == (2, 1)
+
+
+# ------------------------------------------------------------------ every method on every kind of model
+
+
+@pytest.mark.parametrize("name", ["nnx_cnn", "equinox_mlp", "stax_cnn"])
+def test_every_method_on_every_front_end(name):
+    """Each registered method (NTK-SAP with both estimators; the data-driven ones given data) prunes
+    an NNX, an Equinox and a stax model to exactly round(d·N) weights, in the model's structure."""
+    from ntksap_jax import list_scorers
+
+    build, shape = MODELS[name]
+    model = build()
+    x = jax.random.normal(jax.random.key(0), (16, *shape))
+    y = jnp.arange(16) % 10
+    runs = [(m, {}) for m in list_scorers()] + [("ntksap", {"estimator": "jvp"})]
+    for method, extra in runs:
+        kwargs = dict(extra)
+        if method == "ntksap":
+            kwargs.update(samples=1, num_inputs=16)
+        if method in ("snip", "iterative_snip", "grasp"):
+            kwargs["data"] = (x, y)
+        result = prune_model(model, input_shape=shape, density=0.2, key=jax.random.key(1), method=method,
+                             iterations=2, on_collapse="ignore", **kwargs)
+        masks = result.library_masks
+        total = sum(int(np.size(m)) for m in jax.tree.leaves(masks))
+        kept = sum(int(np.count_nonzero(np.asarray(m))) for m in jax.tree.leaves(masks))
+        assert kept == round(0.2 * total) == result.report["total_kept"], (method, extra)
+        assert jax.tree.structure(jax.tree.map(lambda m: 0, result.masks, is_leaf=IS_NONE)) == \
+            jax.tree.structure(jax.tree.map(lambda m: 0, result.model.to_native(masks), is_leaf=IS_NONE))
+
+
+def test_validate_ntk_takes_an_nnx_model_float64():
+    """Our kernel against neural-tangents' for an NNX CNN with BatchNorm (float64 tolerances)."""
+    from ntksap_jax import validate_ntk
+
+    with jax.enable_x64(True):
+        model = from_nnx(NnxCNN(c1=4, c2=4, rngs=nnx.Rngs(0)))
+        variables = to_f64(model.variables)
+        masks = init_masks(variables["params"])
+        x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1), jnp.float64)
+        result = validate_ntk(model, variables, masks, x, compare_own=False)
+    assert result.passed and sum(r.passed is True for r in result.rows) >= 2

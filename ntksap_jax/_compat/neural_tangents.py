@@ -168,7 +168,14 @@ def restore_jax_names() -> tuple[str, ...]:
 
 
 def import_neural_tangents():
-    """Import and return the ``neural_tangents`` module, restoring JAX names first.
+    """Import and return a working ``neural_tangents`` module on this JAX (public as
+    ``ntksap_jax.import_neural_tangents``).
+
+    neural-tangents 0.6.5, its last release, imports JAX names that current JAX has moved or
+    removed, so a plain ``import neural_tangents`` fails there. This restores those names
+    first (only where missing; nothing else in JAX changes), then imports it; afterwards a
+    plain ``import neural_tangents`` works too. Implementations that do not work on this JAX
+    are listed in ``ntksap_jax._compat.UNSUPPORTED_IMPLEMENTATIONS`` with the reason.
 
     Raises:
       NeuralTangentsUnavailable: with :data:`INSTALL_HINT` when the package is not
@@ -176,8 +183,8 @@ def import_neural_tangents():
 
     Example::
 
-      nt = import_neural_tangents()
-      nt.__version__   # '0.6.5'
+      nt = ntksap_jax.import_neural_tangents()
+      init_fn, apply_fn, kernel_fn = nt.stax.serial(nt.stax.Dense(512), nt.stax.Relu(), nt.stax.Dense(1))
     """
     if importlib.util.find_spec("neural_tangents") is None:
         raise NeuralTangentsUnavailable(INSTALL_HINT)
