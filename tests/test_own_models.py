@@ -502,3 +502,23 @@ def test_validate_ntk_takes_an_nnx_model_float64():
         x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1), jnp.float64)
         result = validate_ntk(model, variables, masks, x, compare_own=False)
     assert result.passed and sum(r.passed is True for r in result.rows) >= 2
+
+
+def test_calibrated_statistics_need_no_bn_momentum_field_float64():
+    """A linen model whose BatchNorms hard-code momentum 0.9 (no ``bn_momentum`` field; it used to
+    be required, and a dummy field gave 0.1x the statistics): the first BatchNorm's statistics are
+    the stem convolution's mean and unbiased variance, by hand."""
+    from ntksap_jax import calibrated_batch_stats
+
+    with jax.enable_x64(True):
+        model = FlaxExamplesResNet()
+        v = to_f64(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False))
+        x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3), jnp.float64)
+        stats = calibrated_batch_stats(model, v["params"], None, v["batch_stats"], x)
+        h = jax.lax.conv_general_dilated(x, v["params"]["conv_init"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        h = np.asarray(h).reshape(-1, h.shape[-1])
+    # the model computes in float32 (dtype=jnp.float32, as the Flax examples write it): float32 rounding;
+    # the biased variance would be off by 1/191 = 5e-3 (3·8·8 = 192 values per channel)
+    np.testing.assert_allclose(stats["bn_init"]["mean"], h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["bn_init"]["var"], h.var(0, ddof=1), rtol=1e-5)
