@@ -17,7 +17,8 @@ nbformat = pytest.importorskip("nbformat", reason="the [dev] extra installs nbfo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPECTED = ["01_quickstart", "02_ntk_validation_and_spectrum", "03_methods_and_sanity_checks"]
+EXPECTED = ["01_quickstart", "02_ntk_validation_and_spectrum", "03_methods_and_sanity_checks",
+            "04_your_own_model"]
 
 
 def _repository_url() -> str:
@@ -40,7 +41,7 @@ if importlib.util.find_spec("ntksap_jax") is None:
     importlib.invalidate_caches()'''
 
 
-def test_the_three_notebooks_exist():
+def test_the_four_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 
@@ -117,3 +118,17 @@ def test_quickstart_gpu_branch_trains_resnet20_on_cifar10(tmp_path, monkeypatch)
     out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "resnet20-cifar10: 1 epochs, batch 128" in out, out[-2000:]
     assert (tmp_path / "notebook_outputs" / "01_quickstart" / "resnet20-cifar10-NTK-SAP" / "metrics.jsonl").exists()
+
+
+def test_your_own_model_runs_without_equinox(monkeypatch, capsys):
+    """Notebook 04's Equinox section is guarded: without equinox (not a dependency) it prints a note and skips."""
+    path = ROOT / "notebooks" / "04_your_own_model.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    sources = [c.source for c in nb.cells if c.cell_type == "code"]
+    assert not any("own_models" in s or "from tests" in s for s in sources), "the notebook must define its models"
+    cell = next(s for s in sources if "import equinox as eqx" in s)
+    monkeypatch.setitem(sys.modules, "equinox", None)  # `import equinox` now raises ImportError
+    namespace: dict = {}
+    exec(compile(cell, f"{path.name}: the Equinox cell", "exec"), namespace)
+    assert namespace["eqx"] is None
+    assert "equinox is not installed" in capsys.readouterr().out
