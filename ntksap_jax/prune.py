@@ -150,7 +150,9 @@ def prune(
         prunes. ``"reallocate"`` (needs ``model``; global distribution only): give their
         budget to the next-ranked weights of the last round's scores that lie on a path,
         until none is off path; the count stays ``round(density · N)``, and
-        ``diagnostics["reallocated"]`` says how many moved.
+        ``diagnostics["reallocated"]`` counts the distinct weights dropped for lying on no path
+        (it can exceed the budget when the refills are off path too; above 5% of the kept
+        weights it is reported as a degenerate mask).
 
     Returns:
       :class:`PruneResult` with the final masks, ``params ⊙ masks`` and the diagnostics.
@@ -192,6 +194,7 @@ def prune(
     diagnostics = _diagnose(masks, zero_scored, params, batch_stats, model, input_shape)
     if off_path == "reallocate":
         diagnostics["reallocated"] = moved
+        diagnostics["kept"] = int(_count_kept(masks))
     _report_degenerate(diagnostics, on_collapse)
     return PruneResult(masks=masks, params=apply_masks(params, masks), history=history, diagnostics=diagnostics)
 
@@ -216,6 +219,8 @@ def _is_none(x) -> bool:
 
 #: Most passes of ``off_path="reallocate"`` (each drops the off-path weights and refills).
 MAX_REALLOCATION_PASSES = 16
+#: ``off_path="reallocate"`` replacing more than this fraction of the kept weights is reported as degenerate.
+REALLOCATION_WARN_FRACTION = 0.05
 
 
 def _reallocate(masks, last, params, batch_stats, model, input_shape):
@@ -255,6 +260,10 @@ def _report_degenerate(diag: dict, on_collapse: str) -> None:
     if diag.get("off_path_kept"):
         parts.append(f"{diag['off_path_kept']:,} kept weights on no input-output path "
                      f"(in {', '.join(diag['off_path_layers'])})")
+    kept = diag.get("kept", 0)
+    if diag.get("reallocated", 0) > REALLOCATION_WARN_FRACTION * max(kept, 1):
+        parts.append(f"{diag['reallocated']:,} weights the method ranked among the {kept:,} kept lay on no "
+                     "input-output path and were replaced (off_path='reallocate'): its ranking was largely unusable")
     if not parts or on_collapse == "ignore":
         return
     message = "degenerate mask: " + "; ".join(parts)
