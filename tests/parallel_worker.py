@@ -30,6 +30,8 @@ from ntksap_jax import (
     train,
 )
 from ntksap_jax.data import DatasetInfo, _ArrayDataset, load
+from ntksap_jax.model import as_model
+from ntksap_jax.scores.ntksap import make_reinit, ntksap_sample_draws
 from ntksap_jax.scores import snip_scorer
 from ntksap_jax.train import create_train_state, evaluate, sgd, shard_state, train_step
 
@@ -75,6 +77,7 @@ def scores(out, mesh):
             with jax.set_mesh(mesh):
                 many = score(*on_mesh(mesh, p, m0, bs), jax.random.key(3))
             out[f"{name}/{estimator}/float32"] = rel_err(one, many)
+        one32 = one  # finite difference, float32, one device
         # float64 (params, statistics and masks, so the scores too): the mesh changes nothing but
         # the order of sums, so the two agree to float64 rounding and the masks are identical.
         with jax.enable_x64(True):
@@ -89,6 +92,9 @@ def scores(out, mesh):
             r1 = prune(score, p64, m64, density=0.1, iterations=2, key=jax.random.key(1), batch_stats=bs64)
             r8 = prune(score, p64, m64, density=0.1, iterations=2, key=jax.random.key(1), batch_stats=bs64, mesh=mesh)
             out[f"{name}/masks/float64"] = masks_report(r1.masks, r8.masks)
+        # float32's own error for these scores: one device, against the same weight samples (the
+        # float32 draws θ, x, z of each of the 2 samples) evaluated in float64
+        out[f"{name}/finite_difference/float32/own_error"] = rel_err(float64_scores(model, shape, p, m0, bs), one32)
         if name == "mlp":
             # float32 masks: the MLP's scores agree to ~1e-6, well inside its rank gaps
             score = ntksap_scorer(model, shape, samples=2, num_inputs=12)
@@ -105,6 +111,33 @@ def scores(out, mesh):
             with jax.set_mesh(mesh):
                 many = snip(*on_mesh(mesh, p, m0, bs), jax.random.key(5))
             out["mlp/snip/float32"] = rel_err(one, many)
+
+
+def float64_scores(model, shape, p, m0, bs, samples=2, num_inputs=12, eps=0.01):
+    """NTK-SAP's finite-difference scores (key 3) with the float32 draws of each sample, in float64."""
+    spec = as_model(model, shape)
+    reinit = make_reinit(spec, "auto")
+    draws = [ntksap_sample_draws(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), r), 0), p, m0,
+                                 (num_inputs, *shape), reinit=reinit) for r in range(samples)]
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree.map(lambda a: None if a is None else jnp.asarray(a, jnp.float64), t,  # noqa: E731
+                                     is_leaf=lambda a: a is None)
+        m64, bs64 = f64(m0), None if bs is None else f64(bs)
+
+        def objective(m, theta, x, z):
+            masked = jax.tree.map(lambda mm, t: t if mm is None else t * mm, m, theta, is_leaf=lambda a: a is None)
+            moved = jax.tree.map(lambda mm, t, zz: t if mm is None else (t + eps * zz) * mm, m, theta, z,
+                                 is_leaf=lambda a: a is None)
+            stats = spec.statistics(masked, bs64, x)
+            d = spec.apply(masked, stats, x)[0] - spec.apply(moved, stats, x)[0]
+            return jnp.sum(d * d)
+
+        total = None
+        for theta, x, z in draws:
+            g = jax.jit(jax.grad(objective))(m64, f64(theta), jnp.asarray(x, jnp.float64), f64(z))
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        return jax.tree.map(lambda m, g: None if m is None else np.abs(np.asarray(g)) * (np.asarray(m) != 0), m64,
+                            total, is_leaf=lambda a: a is None)
 
 
 def vmap_loop(out, mesh):
