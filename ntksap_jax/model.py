@@ -46,6 +46,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -379,7 +380,7 @@ def from_linen(
         if not train:
             return module.apply(variables, x, **mode(False)), state
         extra = {} if rng is None else {"rngs": {"dropout": rng}}
-        ctx = nn.intercept_methods(_identity_dropout) if rng is None else _nullcontext()
+        ctx = nn.intercept_methods(_identity_dropout) if rng is None else contextlib.nullcontext()
         with ctx:
             if state:
                 y, upd = module.apply(variables, x, **mode(True), mutable=[coll], **extra)
@@ -437,14 +438,6 @@ def _linen_has_state(module, shape, mode, coll) -> bool | None:
     return coll in tree and bool(jax.tree.leaves(tree[coll]))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --------------------------------------------------------------------------- NNX
 
 
@@ -487,6 +480,7 @@ def _set_variable(variable, value) -> None:
         variable.value = jnp.asarray(value, jnp.result_type(variable.value))
 
 
+@functools.lru_cache(maxsize=None)
 def _make_stats_batchnorm():
     from flax import nnx
 

@@ -199,6 +199,12 @@ def prune(
     return PruneResult(masks=masks, params=apply_masks(params, masks), history=history, diagnostics=diagnostics)
 
 
+def _score_precision(scores):
+    """float64 scores (e.g. SynFlow on deep nets, beyond float32's range) are handled with x64 on."""
+    wide = any(jnp.result_type(s) == jnp.float64 for s in jax.tree.leaves(scores))
+    return jax.enable_x64(True) if wide else contextlib.nullcontext()
+
+
 def _diagnose(masks, zero_scored, params, batch_stats, model, input_shape) -> dict:
     from ntksap_jax.masks import collapsed_layers
 
@@ -228,7 +234,6 @@ def _reallocate(masks, last, params, batch_stats, model, input_shape):
     from ntksap_jax.collapse import on_path_masks
 
     scores, live, k = last
-    wide = any(jnp.result_type(s) == jnp.float64 for s in jax.tree.leaves(scores))
     banned = jax.tree.map(lambda m: None if m is None else np.zeros(np.shape(m), bool), masks, is_leaf=_is_none)
     moved = 0
     for _ in range(MAX_REALLOCATION_PASSES):
@@ -242,7 +247,7 @@ def _reallocate(masks, last, params, batch_stats, model, input_shape):
         banned = jax.tree.map(lambda b, o: None if b is None else b | o, banned, off, is_leaf=_is_none)
         allowed = jax.tree.map(lambda m, b: None if m is None else jnp.where(jnp.asarray(b), 0, m), live, banned,
                                is_leaf=_is_none)
-        with jax.enable_x64(True) if wide else contextlib.nullcontext():
+        with _score_precision(scores):
             masks = _global_topk_count(scores, allowed, jnp.asarray(k, jnp.int32))
     warnings.warn(f"off_path='reallocate' stopped after {MAX_REALLOCATION_PASSES} passes with weights still off path",
                   UserWarning, stacklevel=3)
@@ -279,12 +284,11 @@ def _rounds(score_fn, params, masks, batch_stats, key, densities, total, allocat
         start = time.perf_counter()
         scores = score_fn(params, masks, batch_stats, jax.random.fold_in(key, t))
         check_scores(scores, masks)
-        for name, zero in zip(names, jax.device_get(_zero_score_leaves(scores, masks))):
-            if zero and name not in zero_scored:
-                zero_scored.append(name)
-        # float64 scores (e.g. SynFlow on deep nets, beyond float32's range) are ranked in float64.
-        wide = any(jnp.result_type(s) == jnp.float64 for s in jax.tree.leaves(scores))
-        with jax.enable_x64(True) if wide else contextlib.nullcontext():
+        with _score_precision(scores):
+            # scores beyond float32's range must not be cast to it: 1e-50 is not a zero score
+            for name, zero in zip(names, jax.device_get(_zero_score_leaves(scores, masks))):
+                if zero and name not in zero_scored:
+                    zero_scored.append(name)
             if invert:
                 scores = _negate(scores)
             if allocate is None:

@@ -34,7 +34,6 @@ import time
 import warnings
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
