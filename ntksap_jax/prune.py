@@ -151,7 +151,7 @@ def prune(
         budget to the next-ranked weights of the last round's scores that lie on a path,
         until none is off path; the count stays ``round(density · N)``, and
         ``diagnostics["reallocated"]`` counts the distinct weights dropped for lying on no path
-        (it can exceed the budget when the refills are off path too; above 5% of the kept
+        (it can exceed the budget when the refills are off path too; above half of the kept
         weights it is reported as a degenerate mask).
 
     Returns:
@@ -225,8 +225,10 @@ def _is_none(x) -> bool:
 
 #: Most passes of ``off_path="reallocate"`` (each drops the off-path weights and refills).
 MAX_REALLOCATION_PASSES = 16
-#: ``off_path="reallocate"`` replacing more than this fraction of the kept weights is reported as degenerate.
-REALLOCATION_WARN_FRACTION = 0.05
+#: ``off_path="reallocate"`` replacing more than this fraction of the kept weights is reported as degenerate
+#: (the method's ranking was then largely unusable; a few percent is what iterative pruning normally leaves:
+#: 12 of 138 on the small NNX CNN of the own-model tests, 21-36 of 1,824 on the ViT).
+REALLOCATION_WARN_FRACTION = 0.5
 
 
 def _reallocate(masks, last, params, batch_stats, model, input_shape):
