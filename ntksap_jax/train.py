@@ -430,8 +430,9 @@ def create_train_state(model, variables: PyTree, masks: PyTree, tx: optax.Gradie
 
 
 def _batch_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict]:
-    """Mean loss over the weighted examples and the summed metrics of one batch."""
-    logits = logits.astype(jnp.float32)
+    """Mean loss over the weighted examples and the summed metrics of one batch (the loss in
+    float32 at least: half-precision logits go up to float32, float64 ones stay float64)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = jnp.sum(weights)
     loss_sum = jnp.sum(ce * weights)
@@ -441,7 +442,7 @@ def _batch_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> 
     hit_1 = jnp.argmax(logits, axis=-1) == labels
     w = weights > 0
     metrics = {
-        "loss_sum": loss_sum,
+        "loss_sum": loss_sum.astype(jnp.float32),
         "correct_top1": jnp.sum(hit_1 & w, dtype=jnp.int32),
         "correct_top5": jnp.sum(hit_k & w, dtype=jnp.int32),
         "count": jnp.sum(w, dtype=jnp.int32),

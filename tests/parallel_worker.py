@@ -92,9 +92,18 @@ def scores(out, mesh):
             r1 = prune(score, p64, m64, density=0.1, iterations=2, key=jax.random.key(1), batch_stats=bs64)
             r8 = prune(score, p64, m64, density=0.1, iterations=2, key=jax.random.key(1), batch_stats=bs64, mesh=mesh)
             out[f"{name}/masks/float64"] = masks_report(r1.masks, r8.masks)
-        # float32's own error for these scores: one device, against the same weight samples (the
-        # float32 draws θ, x, z of each of the 2 samples) evaluated in float64
-        out[f"{name}/finite_difference/float32/own_error"] = rel_err(float64_scores(model, shape, p, m0, bs), one32)
+        # float32's own sensitivity for these scores, on ONE device: the hand-written scores in
+        # float32 on the scorer's draws, against the same with every input moved by one float32 ulp
+        # (3 random sign patterns; the largest distance). And float32's error against float64 on
+        # the same draws, which that sensitivity should explain.
+        if name == "resnet20":
+            base = handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32)
+            out[f"{name}/finite_difference/float32/handwritten"] = rel_err(base, one32)
+            out[f"{name}/finite_difference/float32/ulp_sensitivity"] = max(
+                rel_err(base, handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32, perturb=jax.random.key(100 + k)))
+                for k in range(3))
+            out[f"{name}/finite_difference/float32/own_error"] = rel_err(
+                handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float64), one32)
         if name == "mlp":
             # float32 masks: the MLP's scores agree to ~1e-6, well inside its rank gaps
             score = ntksap_scorer(model, shape, samples=2, num_inputs=12)
@@ -113,31 +122,46 @@ def scores(out, mesh):
             out["mlp/snip/float32"] = rel_err(one, many)
 
 
-def float64_scores(model, shape, p, m0, bs, samples=2, num_inputs=12, eps=0.01):
-    """NTK-SAP's finite-difference scores (key 3) with the float32 draws of each sample, in float64."""
+ULP = 2.0**-23  # float32's relative spacing at 1: x * (1 ± ULP) is x's neighbouring float32 value
+
+
+def ulp_perturbed(x, key):
+    """``x`` with every value moved by about one float32 ulp, a random sign each (float32 in, float32 out)."""
+    return x * (1 + ULP * jax.random.rademacher(key, x.shape, jnp.float32))
+
+
+def handwritten_scores(model, shape, p, m0, bs, *, dtype, perturb=None, samples=2, num_inputs=12, eps=0.01):
+    """NTK-SAP's finite-difference scores (key 3) written out independently of the scorer, on the
+    scorer's own float32 draws θ, x, z of each sample, evaluated in ``dtype`` on one device.
+
+    ``perturb``: a PRNG key to move every input x by one float32 ulp first (``ulp_perturbed``).
+    """
     spec = as_model(model, shape)
     reinit = make_reinit(spec, "auto")
     draws = [ntksap_sample_draws(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), r), 0), p, m0,
                                  (num_inputs, *shape), reinit=reinit) for r in range(samples)]
-    with jax.enable_x64(True):
-        f64 = lambda t: jax.tree.map(lambda a: None if a is None else jnp.asarray(a, jnp.float64), t,  # noqa: E731
-                                     is_leaf=lambda a: a is None)
-        m64, bs64 = f64(m0), None if bs is None else f64(bs)
+    if perturb is not None:
+        draws = [(theta, ulp_perturbed(x, jax.random.fold_in(perturb, r)), z) for r, (theta, x, z) in enumerate(draws)]
+    with jax.enable_x64(dtype == jnp.float64):
+        cast = lambda t: jax.tree.map(lambda a: None if a is None else jnp.asarray(a, dtype), t,  # noqa: E731
+                                      is_leaf=lambda a: a is None)
+        m, bs_d = cast(m0), None if bs is None else cast(bs)
 
         def objective(m, theta, x, z):
             masked = jax.tree.map(lambda mm, t: t if mm is None else t * mm, m, theta, is_leaf=lambda a: a is None)
             moved = jax.tree.map(lambda mm, t, zz: t if mm is None else (t + eps * zz) * mm, m, theta, z,
                                  is_leaf=lambda a: a is None)
-            stats = spec.statistics(masked, bs64, x)
+            stats = spec.statistics(masked, bs_d, x)
             d = spec.apply(masked, stats, x)[0] - spec.apply(moved, stats, x)[0]
             return jnp.sum(d * d)
 
         total = None
+        grad = jax.jit(jax.grad(objective))
         for theta, x, z in draws:
-            g = jax.jit(jax.grad(objective))(m64, f64(theta), jnp.asarray(x, jnp.float64), f64(z))
+            g = grad(m, cast(theta), jnp.asarray(x, dtype), cast(z))
             total = g if total is None else jax.tree.map(jnp.add, total, g)
-        return jax.tree.map(lambda m, g: None if m is None else np.abs(np.asarray(g)) * (np.asarray(m) != 0), m64,
-                            total, is_leaf=lambda a: a is None)
+        return jax.tree.map(lambda mm, g: None if mm is None else np.abs(np.asarray(g, np.float64)) * (np.asarray(mm) != 0),
+                            m, total, is_leaf=lambda a: a is None)
 
 
 def vmap_loop(out, mesh):
@@ -164,19 +188,21 @@ def synthetic(num_train=48, num_test=20):
                          np.arange(num_train), np.arange(num_test))
 
 
-class Reversed:
-    """The same data set with every batch's rows in reverse order: one device, the same sums in
-    another order. Its distance from the plain run is float32's own noise for this computation."""
+class UlpPerturbed:
+    """The same data set with every training image moved by one float32 ulp (``ulp_perturbed``,
+    a fixed random sign pattern per batch and ``seed``). Trained on ONE device, its distance from
+    the plain run is float32's own sensitivity for that training run."""
 
-    def __init__(self, data):
-        self.data, self.info = data, data.info
+    def __init__(self, data, seed):
+        self.data, self.info, self.seed = data, data.info, seed
 
     def steps_per_epoch(self, batch_size):
         return self.data.steps_per_epoch(batch_size)
 
     def train_batches(self, batch_size, *, seed, epoch):
-        for b in self.data.train_batches(batch_size, seed=seed, epoch=epoch):
-            yield {k: v[::-1].copy() for k, v in b.items()}
+        for i, b in enumerate(self.data.train_batches(batch_size, seed=seed, epoch=epoch)):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), epoch), i)
+            yield {**b, "image": np.asarray(ulp_perturbed(jnp.asarray(b["image"]), key))}
 
     def eval_batches(self, batch_size, *, split="test"):
         return self.data.eval_batches(batch_size, split=split)
@@ -197,9 +223,15 @@ def training(out, mesh, mesh_mp):
             r8 = train(model, variables, masks, data, out_dir=d8, mesh=mesh, resume=True, **kw)
             out[f"{name}/train/files"] = sorted(os.listdir(d8))
             out[f"{name}/train/checkpoints"] = sorted(os.listdir(os.path.join(d8, "checkpoints")))
-        rev = train(model, variables, masks, Reversed(data), **kw)
         mp = train(model, variables, masks, data, mesh=mesh_mp, **kw)
-        for label, r in (("data", r8), ("model_parallel", mp), ("reversed", rev)):
+        # float32's sensitivity: one device, training images moved by one ulp (3 sign patterns)
+        ulp = [train(model, variables, masks, UlpPerturbed(data, seed), **kw) for seed in range(3)]
+        for seed, r in enumerate(ulp):
+            out[f"{name}/train/ulp{seed}/params"] = rel_err(r1.state.params, r.state.params)
+            if bs:
+                out[f"{name}/train/ulp{seed}/batch_stats"] = rel_err(r1.state.batch_stats, r.state.batch_stats)
+            out[f"{name}/train/ulp{seed}/rows"] = {k: [r1.history[-1][k], r.history[-1][k]] for k in ("train_loss", "test_loss")}
+        for label, r in (("data", r8), ("model_parallel", mp)):
             out[f"{name}/train/{label}/params"] = rel_err(r1.state.params, r.state.params)
             if bs:  # BatchNorm running statistics over the global batch
                 out[f"{name}/train/{label}/batch_stats"] = rel_err(r1.state.batch_stats, r.state.batch_stats)
@@ -212,22 +244,26 @@ def training(out, mesh, mesh_mp):
             jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_flatten_with_path(mp.state.params)[0]
         }
         out[f"{name}/train/model_parallel/eval"] = [evaluate(r1.state, data, 16), evaluate(mp.state, data, 16, mesh=mesh_mp)]
-    # float64: three steps of ResNet-20 on the mesh agree with one device to float64 rounding
+    # float64, the arbiter: three steps of ResNet-20 on each mesh agree with one device to float64 rounding
     model, p, bs = setup("resnet20", (32, 32, 3))
     batch = next(iter(synthetic().train_batches(16, seed=0, epoch=0)))
     with jax.enable_x64(True):
         variables = jax.tree.map(lambda a: a.astype(jnp.float64), {"params": p, "batch_stats": bs})
         batch = {**batch, "image": batch["image"].astype(np.float64)}
         s1 = create_train_state(model, variables, None, sgd(0.05, momentum=0.9))
-        s8 = shard_state(s1, mesh)
+        s8, smp = shard_state(s1, mesh), shard_state(s1, mesh_mp)
         for _ in range(3):
             s1, _m = train_step(s1, batch)
             with jax.set_mesh(mesh):
                 s8, _m = train_step(s8, shard_batch(batch, mesh))
                 jax.block_until_ready(s8)
-        out["resnet20/train/float64/params"] = rel_err(s1.params, s8.params)
-        out["resnet20/train/float64/batch_stats"] = rel_err(s1.batch_stats, s8.batch_stats)
-        out["resnet20/train/float64/dtype"] = str(jax.tree.leaves(s8.params)[0].dtype)
+            with jax.set_mesh(mesh_mp):
+                smp, _m = train_step(smp, shard_batch(batch, mesh_mp))
+                jax.block_until_ready(smp)
+        for label, s in (("data", s8), ("model_parallel", smp)):
+            out[f"resnet20/train/float64/{label}/params"] = rel_err(s1.params, s.params)
+            out[f"resnet20/train/float64/{label}/batch_stats"] = rel_err(s1.batch_stats, s.batch_stats)
+            out[f"resnet20/train/float64/{label}/dtype"] = str(jax.tree.leaves(s.params)[0].dtype)
 
 
 def errors(out, mesh):
