@@ -1,8 +1,107 @@
-"""Shared fixtures. Float64 checks use ``jax.enable_x64(True)`` locally, never globally."""
+"""Shared fixtures. Float64 checks use ``jax.enable_x64(True)`` locally, never globally.
 
-import jax
-import jax.numpy as jnp
-import pytest
+Compilation cache: the suite turns on JAX's persistent compilation cache before JAX is imported,
+through environment variables, so this process and every subprocess it starts (the README's
+commands, the notebooks' kernels, the 8-device worker, the CLI runs) share one cache and each
+program compiles once per run. It lives in ``.pytest_cache/jax-compilation-cache`` (kept between
+runs; delete it, or point ``JAX_COMPILATION_CACHE_DIR`` elsewhere, for a cold run). Cached
+executables are XLA's own output for the same program, so no result depends on it.
+
+Two workers (pytest-xdist, ``-n 2 --dist loadgroup``, set in ``pyproject.toml``): a module whose
+tests share a module-scoped fixture runs on one worker (one ``xdist_group`` per module); the tests
+of every other module are scheduled one by one. Units run longest first (a ``slow(seconds=...)``
+mark gives a test's cost on 2 cores; a unit's cost is the sum over its tests), so the two workers
+finish together. ``-p no:xdist`` or ``-n 0`` runs everything in one process, in file order.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # two workers may share one GPU
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _has_module_fixture(module) -> bool:
+    """True if a module defines a module- or session-scoped fixture its tests share."""
+    for obj in vars(module).values():
+        marker = getattr(obj, "_pytestfixturefunction", None) or getattr(obj, "_fixture_function_marker", None)
+        if marker is not None and getattr(marker, "scope", "function") in ("module", "session"):
+            return True
+    return False
+
+
+#: The tests that take over ~15 s on 2 CPU cores (one worker, cold compilation cache), marked
+#: ``slow(seconds=...)`` here in one place: ``pytest -m "not slow"`` is the quick tier. Keys are
+#: node ids without "tests/"; a key without "[" marks every parametrisation. Costs are measured
+#: (``--durations``, 2026-12-07) and only order the schedule.
+SLOW_TESTS = {
+    "test_parallel.py::test_worker_saw_eight_devices": 200,  # the 8-device worker (module fixture)
+    "test_parallel.py::test_two_processes_prune_and_train_like_one": 35,
+    "test_readme.py::test_bash_commands_run_as_written_resnet20_chain": 240,
+    "test_readme.py::test_bash_commands_run_as_written_mlp_chain": 60,
+    "test_readme.py::test_python_blocks_run_in_order": 200,
+    "test_fidelity.py::test_ntksap_resnet20_layer_densities_match_official": 95,
+    "test_ntk.py::test_empirical_ntk_matches_jacobian_oracle_float64[1-resnet20_bn_eval]": 85,
+    "test_ntk.py::test_empirical_ntk_matches_jacobian_oracle_float64[2-resnet20_bn_eval]": 35,
+    "test_ntk.py::test_ntk_trace_matches_oracle_float64[resnet20_bn_eval]": 25,
+    "test_ntk.py::test_vmap_over_weight_samples": 20,
+    "test_validate.py::test_empirical_ntk_equals_neural_tangents_float64[resnet20_masked]": 55,
+    "test_validate.py::test_cli_validate_resnet20_prints_the_table": 35,
+    "test_own_models.py::test_prune_model_on_users_models[flax_examples_resnet-ntksap]": 60,
+    "test_own_models.py::test_zero_init_residual_resnet_collapses_only_when_zero_scales_are_kept": 40,
+    "test_own_models.py::test_prune_model_on_users_models[linen_vit-ntksap]": 40,
+    "test_own_models.py::test_calibrated_statistics_need_no_bn_momentum_field_float64": 28,
+    "test_own_models.py::test_linen_and_nnx_twins_give_the_same_ntksap_scores_and_masks": 23,
+    "test_own_models.py::test_prune_model_on_users_models[stax_cnn-ntksap]": 21,
+    "test_ntksap.py::test_batches_split_like_the_official_data_loader": 35,
+    "test_ntksap.py::test_scores_are_abs_of_summed_gradients_zero_on_pruned": 33,
+    "test_ntksap.py::test_one_pass_statistics_equal_the_separate_train_mode_pass_float64": 45,
+    "test_ntksap.py::test_sample_gradient_freezes_bn_statistics_float64": 23,
+    "test_notebooks.py::test_executes_in_quick_mode": 80,
+    "test_notebooks.py::test_quickstart_gpu_branch_trains_resnet20_on_cifar10": 20,
+    "test_cli.py::test_ntksap_run_writes_masks_and_report": 18,
+    "test_baselines.py::test_synflow_resnet20_layer_densities_match_official": 16,
+}
+
+
+def _cost(item) -> float:
+    mark = item.get_closest_marker("slow")
+    return float(mark.kwargs.get("seconds", 60)) if mark is not None else 0.0
+
+
+def _mark_slow(item) -> None:
+    nodeid = item.nodeid.removeprefix("tests/")
+    for key in (nodeid, nodeid.split("[")[0]):
+        if key in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow(seconds=SLOW_TESTS[key]))
+            return
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Group tests that share a module fixture; order the units longest first (see module docstring)."""
+    for item in items:
+        _mark_slow(item)
+    groups, order = {}, []
+    for item in items:
+        module = item.module
+        unit = module.__name__ if _has_module_fixture(module) else item.nodeid
+        if unit not in groups:
+            groups[unit] = []
+            order.append(unit)
+        groups[unit].append(item)
+        if unit == module.__name__:
+            item.add_marker(pytest.mark.xdist_group(unit))
+    cost = {unit: sum(_cost(i) for i in groups[unit]) for unit in order}
+    order.sort(key=lambda u: -cost[u])  # stable: equal costs keep file order
+    items[:] = [i for unit in order for i in groups[unit]]
 
 
 def to_f64(tree):

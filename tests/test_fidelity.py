@@ -49,7 +49,6 @@ def resnet20():
     return model, v["params"], v["batch_stats"]
 
 
-@pytest.mark.slow
 def test_ntksap_resnet20_layer_densities_match_official(resnet20):
     model, params, batch_stats = resnet20
     means, ref = reference_means()
