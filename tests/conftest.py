@@ -8,17 +8,18 @@ runs; delete it, or point ``JAX_COMPILATION_CACHE_DIR`` elsewhere, for a cold ru
 executables are XLA's own output for the same program, so no result depends on it.
 
 Two workers (pytest-xdist, ``-n 2 --dist loadgroup``, set in ``pyproject.toml``): a module whose
-tests share a module-scoped fixture runs on one worker (one ``xdist_group`` per module); the tests
-of every other module are scheduled one by one. Units run longest first (a ``slow(seconds=...)``
-mark gives a test's cost on 2 cores; a unit's cost is the sum over its tests), so the two workers
-finish together. ``-p no:xdist`` or ``-n 0`` runs everything in one process, in file order.
+tests share a module-scoped fixture runs on one worker (``pytest_xdist_make_scheduler`` below); the tests
+of every other module are scheduled one by one. Units run longest first (``SLOW_TESTS`` below gives the slow tests' costs on 2 cores and marks
+them ``slow``; a unit's cost is the sum over its tests), so the two workers finish together.
+``-n 0`` runs everything in one process, in the same order.
 """
 
 import os
 import pathlib
+import re
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation-cache"))
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".pytest_cache" / "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # two workers may share one GPU
@@ -28,13 +29,31 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 
-def _has_module_fixture(module) -> bool:
-    """True if a module defines a module- or session-scoped fixture its tests share."""
-    for obj in vars(module).values():
-        marker = getattr(obj, "_pytestfixturefunction", None) or getattr(obj, "_fixture_function_marker", None)
-        if marker is not None and getattr(marker, "scope", "function") in ("module", "session"):
-            return True
-    return False
+def _shares_a_module_fixture(path: str) -> bool:
+    """True if the test file at ``path`` (relative to the repository) defines a module- or
+    session-scoped fixture, which its tests share (so they should run in one process)."""
+    text = (ROOT / path).read_text()
+    return re.search(r"""scope=["'](module|session)["']""", text) is not None
+
+
+def _unit(nodeid: str) -> str:
+    """The scheduling unit of a test: its file if the file shares a fixture, else the test itself."""
+    path = nodeid.split("::", 1)[0]
+    return path if _shares_a_module_fixture(path) else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadgroup``: xdist's scope scheduler with this suite's units (``_unit``).
+    (xdist's own ``xdist_group`` marks rename node ids, which pytest 9 no longer allows.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return UnitScheduling(config, log)
 
 
 #: The tests that take over ~15 s on 2 CPU cores (one worker, cold compilation cache), marked
@@ -84,21 +103,17 @@ def _mark_slow(item) -> None:
             return
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Group tests that share a module fixture; order the units longest first (see module docstring)."""
     for item in items:
         _mark_slow(item)
     groups, order = {}, []
     for item in items:
-        module = item.module
-        unit = module.__name__ if _has_module_fixture(module) else item.nodeid
+        unit = _unit(item.nodeid)
         if unit not in groups:
             groups[unit] = []
             order.append(unit)
         groups[unit].append(item)
-        if unit == module.__name__:
-            item.add_marker(pytest.mark.xdist_group(unit))
     cost = {unit: sum(_cost(i) for i in groups[unit]) for unit in order}
     order.sort(key=lambda u: -cost[u])  # stable: equal costs keep file order
     items[:] = [i for unit in order for i in groups[unit]]
