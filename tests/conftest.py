@@ -8,12 +8,13 @@ runs; delete it, or point ``JAX_COMPILATION_CACHE_DIR`` elsewhere, for a cold ru
 executables are XLA's own output for the same program, so no result depends on it.
 
 Two workers (pytest-xdist, ``-n 2 --dist loadgroup``, set in ``pyproject.toml``): a module whose
-tests share a module-scoped fixture runs on one worker (``pytest_xdist_make_scheduler`` below); the tests
-of every other module are scheduled one by one. Units run longest first (``SLOW_TESTS`` below gives the slow tests' costs on 2 cores and marks
-them ``slow``; a unit's cost is the sum over its tests), so the two workers finish together.
+tests share a module-scoped fixture runs on one worker (``pytest_xdist_make_scheduler`` below);
+the tests of every other module are scheduled one by one. Units run longest first (``SLOW_TESTS``
+below gives the slow tests' costs on 2 cores and marks them ``slow``; a unit's cost is the sum over its tests), so the two workers finish together.
 ``-n 0`` runs everything in one process, in the same order.
 """
 
+import functools
 import os
 import pathlib
 import re
@@ -29,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)  # read each file once (the scheduler asks per test)
 def _shares_a_module_fixture(path: str) -> bool:
     """True if the test file at ``path`` (relative to the repository) defines a module- or
     session-scoped fixture, which its tests share (so they should run in one process)."""
@@ -58,8 +60,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 #: The tests that take over ~15 s on 2 CPU cores (one worker, cold compilation cache), marked
 #: ``slow(seconds=...)`` here in one place: ``pytest -m "not slow"`` is the quick tier. Keys are
-#: node ids without "tests/"; a key without "[" marks every parametrisation. Costs are measured
-#: (``--durations``, 2026-12-07) and only order the schedule.
+#: node ids without "tests/"; a key without "[" marks every parametrisation. Costs are rough
+#: (``--durations`` of 2026-12-07 runs, rounded) and only order the schedule.
 SLOW_TESTS = {
     "test_parallel.py::test_worker_saw_eight_devices": 200,  # the 8-device worker (module fixture)
     "test_parallel.py::test_two_processes_prune_and_train_like_one": 35,
