@@ -67,8 +67,7 @@ SLOW_TESTS = {
     "test_parallel.py::test_two_processes_prune_and_train_like_one": 35,
     "test_readme.py::test_bash_commands_run_as_written_resnet20_chain": 240,
     "test_readme.py::test_bash_commands_run_as_written_mlp_chain": 60,
-    "test_readme.py::test_python_blocks_run_in_order": 200,
-    "test_fidelity.py::test_ntksap_resnet20_layer_densities_match_official": 95,
+    "test_readme.py::test_python_blocks_run_in_order": 130,
     "test_ntk.py::test_empirical_ntk_matches_jacobian_oracle_float64[1-resnet20_bn_eval]": 85,
     "test_ntk.py::test_empirical_ntk_matches_jacobian_oracle_float64[2-resnet20_bn_eval]": 35,
     "test_ntk.py::test_ntk_trace_matches_oracle_float64[resnet20_bn_eval]": 25,
@@ -89,7 +88,14 @@ SLOW_TESTS = {
     "test_notebooks.py::test_quickstart_gpu_branch_trains_resnet20_on_cifar10": 20,
     "test_cli.py::test_ntksap_run_writes_masks_and_report": 18,
     "test_baselines.py::test_synflow_resnet20_layer_densities_match_official": 16,
+    "test_own_models.py::test_prune_model_on_users_models[flax_examples_resnet-synflow]": 25,
+    "test_own_models.py::test_prune_model_on_users_models[linen_vit-synflow]": 15,
+    "test_conv.py::test_resnet20_mask_gradient_matches_lax_convolutions": 15,
 }
+
+#: Module fixtures that cost minutes: every test that uses one is slow too (``-m "not slow"`` must
+#: not start them), at no extra cost in the schedule (the fixture's cost sits on the test above).
+SLOW_FIXTURES = {"test_parallel.py": {"results"}}
 
 
 def _cost(item) -> float:
@@ -103,6 +109,8 @@ def _mark_slow(item) -> None:
         if key in SLOW_TESTS:
             item.add_marker(pytest.mark.slow(seconds=SLOW_TESTS[key]))
             return
+    if SLOW_FIXTURES.get(nodeid.split("::")[0], set()) & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.slow(seconds=0))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,6 +29,8 @@ import sys
 
 import pytest
 
+from test_fidelity import check_matches_official
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -170,6 +172,7 @@ def test_bash_commands_run_as_written_resnet20_chain(tmp_path):
     report = json.loads((work / "runs/resnet20-ntksap/report.json").read_text())
     assert report["config"]["iterations"] == 20 and report["config"]["scorer"]["samples"] == 5
     assert abs(report["density_actual"] - 0.018) < 1e-5
+    check_matches_official(report)  # the official setting's per-layer densities (tests/test_fidelity.py)
 
 
 @pytest.mark.parametrize("cmd", all_commands("bash dry-run"))
