@@ -14,6 +14,8 @@ import pytest
 
 from ntksap_jax import data
 from ntksap_jax.data import DATASETS, DataError, get_dataset_info, load
+from ntksap_jax.data._base import _check_batch_size
+from ntksap_jax.data.registry import get_dataset_spec, list_datasets
 
 
 def _stack(batches):
@@ -67,13 +69,10 @@ def test_registry_and_unknown_name():
 def test_batch_size_checks(monkeypatch):
     ds = load("digits")
     monkeypatch.setattr(jax, "local_device_count", lambda *a, **k: 8)
-    for call in (
-        lambda: ds.train_batches(60, seed=0, epoch=0),
-        lambda: ds.eval_batches(60),
-        lambda: ds.steps_per_epoch(60),
-    ):
-        with pytest.raises(ValueError, match=r"divisible by .* jax.local_device_count\(\) = 8"):
-            call()
+    # Without a mesh the host's device count is no constraint (it was: a defect, fixed; the mesh's
+    # data axis is checked where batches are sharded, see test_batch_size_divides_the_devices_it_is_given).
+    assert ds.steps_per_epoch(60) == 1437 // 60 == len(list(ds.train_batches(60, seed=0, epoch=0)))
+    assert sum(int(b["mask"].sum()) for b in ds.eval_batches(60)) == 360
     assert ds.steps_per_epoch(64) == 1437 // 64
     with pytest.raises(ValueError, match="larger than the 1437 training examples"):
         ds.train_batches(1440, seed=0, epoch=0)
@@ -86,6 +85,96 @@ def test_batch_size_checks(monkeypatch):
         ds.train_batches(8, seed=0, epoch=1.5)
     with pytest.raises(ValueError, match="split"):
         ds.eval_batches(8, split="validation")
+
+
+def test_batch_size_divides_the_devices_it_is_given():
+    # The divisibility is the caller's number of data-parallel devices (default 1: no mesh), not
+    # jax.local_device_count() (8 simulated devices cannot be set in-process, so the check is called directly).
+    assert _check_batch_size(7) == 7 and _check_batch_size(np.int64(60), devices=4) == 60
+    assert type(_check_batch_size(np.int64(60), devices=4)) is int
+    with pytest.raises(ValueError, match=r"^batch_size 60 must be divisible by the number of data-parallel "
+                                         r"devices, 8 \(each batch is split across them\)$"):
+        _check_batch_size(60, devices=8)
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match=r"^devices must be a positive integer; got "):
+            _check_batch_size(8, devices=bad)
+    # A batch size that divides no usual device count is fine without a mesh.
+    ds = load("digits")
+    a = list(ds.train_batches(7, seed=0, epoch=0))
+    assert len(a) == ds.steps_per_epoch(7) == 1437 // 7
+    _assert_batches(a, 7, (8, 8, 1), 10)
+    e = list(ds.eval_batches(7))
+    _assert_batches(e, 7, (8, 8, 1), 10)
+    assert sum(int(b["mask"].sum()) for b in e) == 360
+
+
+def test_argument_messages_are_the_shared_checks():
+    ds = load("digits")
+    for call, message in (
+        (lambda: ds.eval_batches(0), "batch_size must be a positive integer; got 0"),
+        (lambda: ds.steps_per_epoch(True), "batch_size must be a positive integer; got True"),
+        (lambda: ds.train_batches(8, seed=-1, epoch=0), "seed must be a non-negative integer; got -1"),
+        (lambda: ds.train_batches(8, seed=0, epoch=1.5), "epoch must be a non-negative integer; got 1.5"),
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+
+
+# The command line's table before the registry: name -> (shape, classes, official NTK-SAP T, R).
+_CLI_TABLE = {
+    "cifar10": ((32, 32, 3), 10, 20, 5),
+    "cifar100": ((32, 32, 3), 100, 100, 1),
+    "tiny_imagenet": ((64, 64, 3), 200, 100, 1),
+    "imagenet": ((224, 224, 3), 1000, 100, 1),
+    "imagenet2012": ((224, 224, 3), 1000, 100, 1),
+    "mnist": ((28, 28, 1), 10, 100, 1),
+    "mnist5k": ((28, 28, 1), 10, 100, 1),
+    "digits": ((8, 8, 1), 10, 100, 1),
+}
+
+
+def test_one_registry_answers_every_command_line_name():
+    assert sorted(list_datasets()) == sorted(_CLI_TABLE) and len(list_datasets()) == len(_CLI_TABLE)
+    assert list_datasets(loadable=True) == tuple(DATASETS) and data.list_datasets is list_datasets
+    for name, (shape, classes, t, r) in _CLI_TABLE.items():
+        spec = get_dataset_spec(name)
+        assert (spec.name, spec.input_shape, spec.num_classes, spec.ntksap_iterations, spec.ntksap_samples) == (
+            name, shape, classes, t, r)
+        if spec.loadable:
+            info = get_dataset_info(spec.loader)
+            assert (info.input_shape, info.num_classes, info.num_train, info.num_test, info.offline) == (
+                spec.input_shape, spec.num_classes, spec.num_train, spec.num_test, spec.offline)
+    assert get_dataset_spec("imagenet").loader == "imagenet2012" and get_dataset_spec("imagenet2012").loadable
+    mnist = get_dataset_spec("mnist")
+    assert not mnist.loadable and mnist.loader is None and mnist.num_train is None and mnist.num_test is None
+    assert {n: get_dataset_spec(n).loader for n in DATASETS} == {n: n for n in DATASETS}
+    with pytest.raises(ValueError, match="'svhn'") as e:
+        get_dataset_spec("svhn")
+    assert "\n" not in str(e.value) and all(name in str(e.value) for name in _CLI_TABLE)
+
+
+def test_presets_take_shapes_classes_and_official_defaults_from_the_registry():
+    from ntksap_jax.presets import PRESETS
+
+    for p in PRESETS.values():
+        spec = get_dataset_spec(p.dataset)
+        assert spec.loadable and (p.input_shape, p.num_classes) == (spec.input_shape, spec.num_classes)
+        assert p.ntksap_num_inputs == 10 * spec.num_classes and p.ntksap_samples == spec.ntksap_samples
+        if not spec.offline:  # the offline presets prune with T = 20 (their own, cheaper setting)
+            assert p.ntksap_iterations == spec.ntksap_iterations
+
+
+def test_registry_and_presets_import_without_tensorflow():
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+        "from ntksap_jax.data.registry import get_dataset_spec\n"
+        "from ntksap_jax.presets import get_preset\n"
+        "print(get_dataset_spec('imagenet').loader, get_preset('mlp-digits').input_shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "imagenet2012 (8, 8, 1)"
 
 
 @pytest.mark.parametrize("name", ["cifar10", "tiny_imagenet", "imagenet2012"])
@@ -294,7 +383,7 @@ def _labels_from_pixels(images, at=(slice(None), slice(None))):
 
 def test_tiny_imagenet_builder_on_generated_folder(tfds, tmp_path):
     tf = pytest.importorskip("tensorflow")
-    from ntksap_jax._tiny_imagenet import TinyImagenet
+    from ntksap_jax.data._tiny_imagenet import TinyImagenet
 
     manual = tmp_path / "manual"
     val_wnids = _write_tiny_imagenet(str(manual / "tiny-imagenet-200"), tf)

@@ -149,6 +149,15 @@ def test_get_model_bad_num_classes(bad):
         LotteryResNet(num_classes=bad)
 
 
+def test_bad_num_classes_message_is_the_shared_check():
+    # models/common.check_num_classes uses ntksap_jax._checks.positive_int: the scorers' message.
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError) as err:
+            get_model("mlp", bad)
+        assert str(err.value) == f"num_classes must be a positive integer; got {bad!r}"
+    assert get_model("mlp", np.int64(3)).num_classes == 3
+
+
 def test_bad_stem_names_value_and_allowed():
     with pytest.raises(ValueError) as err:
         get_model("resnet18", 10, stem="tinyimagenet")
@@ -438,7 +447,9 @@ def test_bn_momentum_zero_sets_stem_running_mean(resnet20):
 
 def test_bn_momentum_controls_every_bn_layer(resnet20):
     model, variables, x, _ = resnet20
-    apply = lambda m: m.apply(variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+    def apply(m):
+        return m.apply(variables, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+
     s0 = flat(apply(model.clone(bn_momentum=0.0)))
     s9 = flat(apply(model))  # default 0.9: ra = 0.9 * init + 0.1 * batch
     assert len(s0) == 2 * (1 + 9 * 2 + 2)  # mean+var of stem, 18 block BNs, 2 shortcut BNs

@@ -37,11 +37,11 @@ PyTorch's ``running_var`` uses the unbiased (n / (n - 1)) estimate.
 
 from __future__ import annotations
 
-import operator
 from typing import Union
 
 import flax.linen as nn
 
+from ntksap_jax._checks import positive_int
 from ntksap_jax.conv import conv_general_dilated
 
 #: Kaiming-normal (fan_in, gain sqrt(2)), plain normal: PyTorch's
@@ -168,14 +168,11 @@ def residual_shortcut(x, out_features: int, stride: int, bn, prefix: str):
 
 
 def check_num_classes(num_classes: int) -> None:
-    """Raise ``ValueError`` (naming the value) unless ``num_classes`` is an int >= 1.
+    """Raise ``ValueError`` (naming the value) unless ``num_classes`` is an int >= 1 (``bool`` refused).
+
+    The message is :func:`ntksap_jax._checks.positive_int`'s, as the scorers' for their ``num_classes``.
 
     Example:
       >>> check_num_classes(10)
     """
-    try:
-        n = operator.index(num_classes)
-    except TypeError:
-        n = None
-    if isinstance(num_classes, bool) or n is None or n < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    positive_int(num_classes, "num_classes")

@@ -1,6 +1,6 @@
 """A tfds builder for Tiny ImageNet (200 classes, 64×64×3) read from a manual directory. Private.
 
-Imported lazily by :mod:`ntksap_jax.data` (it imports tensorflow-datasets at module level, and
+Imported lazily by :mod:`ntksap_jax.data._tfds` (it imports tensorflow-datasets at module level, and
 defining the class registers the dataset name ``"tiny_imagenet"`` with tfds).
 
 The manual directory (by default ``<data_dir>/downloads/manual/``) holds the unzipped
@@ -33,7 +33,9 @@ import os
 
 import tensorflow_datasets as tfds
 
-NUM_CLASSES = 200
+from ntksap_jax.data.registry import REGISTRY
+
+NUM_CLASSES = REGISTRY["tiny_imagenet"].num_classes  # 200
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
@@ -85,7 +87,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
             description="Tiny ImageNet 200 (Stanford CS231n): 64x64 RGB images of 200 ImageNet classes.",
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(64, 64, 3), encoding_format="jpeg"),
+                    "image": tfds.features.Image(shape=REGISTRY["tiny_imagenet"].input_shape, encoding_format="jpeg"),
                     "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
                     "wnid": tfds.features.Text(),
                     "file_name": tfds.features.Text(),
