@@ -10,23 +10,22 @@ import numpy as np
 import optax
 import pytest
 
-from ntksap_jax import apply_masks, count_kept, count_total, get_model, ntksap_scorer, prune, random_scorer
+from ntksap_jax import apply_masks, count_kept, get_model, ntksap_scorer, prune
+from ntksap_jax.masks import count_total
+from ntksap_jax.scores import random_scorer
 from ntksap_jax.data import load
 from ntksap_jax.model import as_model
 from ntksap_jax.presets import PRESETS, get_preset, list_presets
-from ntksap_jax.train import (
-    MaskedState,
+from ntksap_jax.optim import MaskedState, make_schedule, masked, sgd
+from ntksap_jax.steps import (
     TrainState,
     create_train_state,
     evaluate,
     init_model,
-    make_schedule,
-    masked,
     pruned_weights_are_zero,
-    sgd,
-    train,
     train_step,
 )
+from ntksap_jax.train import train
 
 SHAPE = (8, 8, 1)
 
