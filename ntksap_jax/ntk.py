@@ -15,7 +15,8 @@ Definitions (with ``J = d vec f(θ, x) / dθ`` of shape ``(N·K, P)``):
 
 * the empirical NTK ``Θ(x1, x2)[i, j, a, b] = Σ_p J1[(i, a), p] J2[(j, b), p]``;
 * its trace ``tr Θ(x, x) = ‖J‖²_F = Σ_{i,a} ‖∂f_a(x_i)/∂θ‖²``, which is also the
-  sum of the eigenvalues of the ``(N·K) × (N·K)`` Gram matrix.
+  sum of the eigenvalues of the ``(N·K) × (N·K)`` Gram matrix ``J Jᵀ`` (:func:`ntk_gram`,
+  optionally one example at a time and in memory-bounded Jacobian blocks).
 
 Warning — normalisation: these are *sums*, not averages. neural-tangents'
 ``empirical_ntk_fn`` with the default ``trace_axes=(-1,)`` returns the kernel
@@ -37,9 +38,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ntksap_jax._checks import positive_int
+
 __all__ = [
     "NtkImplementation",
     "empirical_ntk",
+    "ntk_gram",
+    "gram_chunk_size",
     "ntk_trace",
     "ntk_trace_hutchinson",
     "ntk_trace_finite_difference",
@@ -50,6 +55,10 @@ __all__ = [
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+#: Largest Jacobian block (``chunk · K · P`` numbers, in bytes) that :func:`gram_chunk_size`
+#: allows: 1 GiB.
+MAX_BLOCK_BYTES = 2**30
 
 
 class NtkImplementation(enum.IntEnum):
@@ -79,12 +88,42 @@ def _one_hot_cotangents(n: int, k: int, dtype) -> jax.Array:
     return jnp.eye(n * k, dtype=dtype).reshape(n * k, n, k)
 
 
-def _jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array):
-    """``J`` as a params-shaped pytree whose leaves have a leading ``N·K`` axis."""
+def _pullback(apply_fn: ApplyFn, params: PyTree, x: jax.Array):
+    """``(vjp_fn, cotangents)``: row ``(i, a)`` of ``J`` is ``vjp_fn(cotangents[i·K + a])``.
+
+    ``cotangents`` are the ``N·K`` one-hot cotangents of the whole-batch output, shape
+    ``(N·K, N, K)``.
+    """
     out, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
     n, k = _check_output(out)
-    (rows,) = jax.vmap(vjp_fn)(_one_hot_cotangents(n, k, out.dtype))
-    return rows, n, k
+    return vjp_fn, _one_hot_cotangents(n, k, out.dtype)
+
+
+def _jacobian_rows(apply_fn: ApplyFn, params: PyTree, x: jax.Array):
+    """``J`` as a params-shaped pytree whose leaves have a leading ``N·K`` axis."""
+    vjp_fn, cts = _pullback(apply_fn, params, x)
+    (rows,) = jax.vmap(vjp_fn)(cts)
+    return rows, cts.shape[1], cts.shape[2]
+
+
+def _per_example_rows(apply_fn: ApplyFn, params: PyTree, xb: jax.Array) -> PyTree:
+    """``J`` of the examples ``xb`` taken one at a time: leaves with a leading ``c·K`` axis.
+
+    Row ``(i, a)`` is ``∂f_a(x_i)/∂θ`` from a single-example backward pass; the same as the
+    whole-batch ``J`` when examples are independent (eval mode), at ``1/c`` of its cost.
+    """
+
+    def one(xi):
+        def out(p):
+            y = apply_fn(p, xi[None])
+            if y.ndim != 2 or y.shape[0] != 1:
+                raise ValueError(f"the model must return logits of shape (N, K); got {tuple(y.shape)} for N=1")
+            return y[0]
+
+        return jax.jacrev(out)(params)
+
+    jac = jax.vmap(one)(xb)  # leaves (c, K, *shape)
+    return jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[0] * leaf.shape[1], -1), jac)
 
 
 def _tree_dot_rows(a: PyTree, b: PyTree) -> jax.Array:
@@ -143,6 +182,102 @@ def empirical_ntk(
     return prods.reshape(n1, k, n2, k).transpose(0, 2, 1, 3)
 
 
+def _gram_by_blocks(rows_of: Callable[[jax.Array], PyTree], items: jax.Array, chunk: int) -> jax.Array:
+    """``J Jᵀ`` where ``rows_of(block)`` gives the rows of ``J`` for a block of ``chunk`` items.
+
+    ``items`` (examples or cotangents, stacked on axis 0) are zero-padded to ``B`` whole
+    blocks; padded items give rows that are sliced off. Block row ``I`` is
+    ``J_I [J_1 … J_B]ᵀ``: each column block's rows are recomputed (``B + B²`` blocks in all),
+    so at most two blocks are alive at a time.
+    """
+    m = items.shape[0]
+    b = -(-m // chunk)
+    pad = b * chunk - m
+    padded = jnp.concatenate([items, jnp.zeros((pad, *items.shape[1:]), items.dtype)]) if pad else items
+    blocks = padded.reshape(b, chunk, *items.shape[1:])
+
+    def block_row(bi):
+        ri = rows_of(bi)
+        return jax.lax.map(lambda bj: _tree_dot_rows(ri, rows_of(bj)), blocks)
+
+    g = jax.lax.map(block_row, blocks)  # (B, B, r, r), r rows per block
+    r = g.shape[2]
+    size = m * (r // chunk)
+    return g.transpose(0, 2, 1, 3).reshape(b * r, b * r)[:size, :size]
+
+
+def ntk_gram(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x: jax.Array,
+    *,
+    per_example: bool = False,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """The ``(N·K) × (N·K)`` NTK Gram ``J Jᵀ`` on ``x``, row and column ``(i, a)`` at ``i·K + a``.
+
+    The same numbers as :func:`empirical_ntk` ``(x, x)`` transposed to ``(N, K, N, K)``, built
+    from Jacobian rows contracted leaf by leaf.
+
+    ``per_example=True`` takes each example's rows from a backward pass on that example alone
+    (``vmap`` over examples): ``O(N·K)`` single-example backward passes instead of ``N·K``
+    whole-batch ones. Only valid when examples are independent (eval-mode BatchNorm, MLPs,
+    convnets); wrong for batch-coupled models, as for :func:`ntk_trace`.
+
+    Memory: ``chunk_size=None`` forms the whole ``J`` (``N·K·P`` numbers) at once. With
+    ``chunk_size = c < N`` the Gram is assembled from blocks of the rows of ``c`` examples
+    (``c·K·P`` numbers each, at most two alive); block row ``I`` recomputes every column
+    block's rows, ``B + B²`` block Jacobians for ``B = ⌈N/c⌉`` blocks (without
+    ``per_example`` the whole-batch linearisation is kept and only the pullbacks are
+    repeated). :func:`gram_chunk_size` picks the largest ``c`` whose block fits in
+    :data:`MAX_BLOCK_BYTES`.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> (N, K)`` logits.
+      params: any pytree of arrays (all leaves are differentiated).
+      x: inputs ``(N, ...)``.
+      per_example: treat ``apply_fn`` as per-example (output ``i`` depends on ``x[i]`` only).
+      chunk_size: examples per Jacobian block, or ``None`` for all at once.
+
+    Returns:
+      ``(N·K, N·K)`` array, symmetric up to rounding.
+
+    Example::
+
+      g = jax.jit(lambda p, x: ntk_gram(eval_apply_fn, p, x, per_example=True, chunk_size=32))(params, x)
+      jnp.trace(g)                                 # == ntk_trace(eval_apply_fn, params, x)
+    """
+    if chunk_size is not None:
+        chunk_size = positive_int(chunk_size, "chunk_size")
+    n = x.shape[0]
+    if per_example:
+        if chunk_size is None or chunk_size >= n:
+            rows = _per_example_rows(apply_fn, params, x)
+            return _tree_dot_rows(rows, rows)
+        return _gram_by_blocks(lambda xb: _per_example_rows(apply_fn, params, xb), x, chunk_size)
+    vjp_fn, cts = _pullback(apply_fn, params, x)
+    if chunk_size is None or chunk_size >= n:
+        (rows,) = jax.vmap(vjp_fn)(cts)
+        return _tree_dot_rows(rows, rows)
+    return _gram_by_blocks(lambda c: jax.vmap(vjp_fn)(c)[0], cts, chunk_size * cts.shape[2])
+
+
+def gram_chunk_size(num_examples: int, num_outputs: int, num_params: int, itemsize: int) -> int:
+    """The most examples per Jacobian block of :func:`ntk_gram` whose block fits in
+    :data:`MAX_BLOCK_BYTES`: ``chunk · K · P · itemsize <= MAX_BLOCK_BYTES``, at least 1 and at
+    most ``N``.
+
+    For ResNet-20 (P = 272,474 with BN and biases), K = 10 and float32 that is 98 examples.
+
+    Example::
+
+      chunk = gram_chunk_size(256, 10, 272_474, 4)        # 98
+      g = ntk_gram(apply_fn, params, x, per_example=True, chunk_size=chunk)
+    """
+    block = max(1, num_outputs * num_params * itemsize)
+    return max(1, min(num_examples, MAX_BLOCK_BYTES // block))
+
+
 def ntk_trace(
     apply_fn: ApplyFn,
     params: PyTree,
@@ -185,14 +320,13 @@ def ntk_trace(
     if per_example:
         one = lambda xi: ntk_trace(apply_fn, params, xi[None], chunk_size=chunk_size)  # noqa: E731
         return jnp.sum(jax.vmap(one)(x))
-    out, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
-    n, k = _check_output(out)
+    vjp_fn, cts = _pullback(apply_fn, params, x)
+    n, k = cts.shape[1:]
 
     def sq_norm(ct):
         (g,) = vjp_fn(ct)
         return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(g))
 
-    cts = _one_hot_cotangents(n, k, out.dtype)
     if chunk_size is None or chunk_size >= n * k:
         return jnp.sum(jax.vmap(sq_norm)(cts))
     if chunk_size < 1:
@@ -215,18 +349,18 @@ def gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
       v = gaussian_like(jax.random.key(0), params)  # same structure as params
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda t: t is None)
-    live = [l for l in leaves if l is not None]
+    live = [leaf for leaf in leaves if leaf is not None]
     if not live:
         return tree
-    sizes = [math.prod(jnp.shape(l)) for l in live]
+    sizes = [math.prod(jnp.shape(leaf)) for leaf in live]
     flat = jax.random.normal(key, (sum(sizes),), jnp.result_type(*live))
     out, offset = [], 0
-    for l in leaves:
-        if l is None:
+    for leaf in leaves:
+        if leaf is None:
             out.append(None)
             continue
-        size = math.prod(jnp.shape(l))
-        out.append(flat[offset : offset + size].reshape(jnp.shape(l)).astype(jnp.result_type(l)))
+        size = math.prod(jnp.shape(leaf))
+        out.append(flat[offset : offset + size].reshape(jnp.shape(leaf)).astype(jnp.result_type(leaf)))
         offset += size
     return jax.tree.unflatten(treedef, out)
 
@@ -314,10 +448,18 @@ def ntk_trace_finite_difference(
     return jnp.vdot(diff, diff)
 
 
-def ntk_eigenvalues(apply_fn: ApplyFn, params: PyTree, x: jax.Array) -> jax.Array:
+def ntk_eigenvalues(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    x: jax.Array,
+    *,
+    per_example: bool = False,
+    chunk_size: int | None = None,
+) -> jax.Array:
     """Eigenvalues of the ``(N·K) × (N·K)`` NTK Gram matrix on ``x``, descending.
 
-    Their sum is :func:`ntk_trace`. Uses ``jnp.linalg.eigvalsh`` on the symmetrised Gram.
+    Their sum is :func:`ntk_trace`. Uses ``jnp.linalg.eigvalsh`` on the symmetrised
+    :func:`ntk_gram` (``per_example`` and ``chunk_size`` as there).
 
     Returns:
       ``(N·K,)`` array, largest first.
@@ -327,8 +469,6 @@ def ntk_eigenvalues(apply_fn: ApplyFn, params: PyTree, x: jax.Array) -> jax.Arra
       lam = ntk_eigenvalues(apply_fn, params, x)
       condition_number = lam[0] / lam[-1]
     """
-    theta = empirical_ntk(apply_fn, params, x)
-    n, _, k, _ = theta.shape
-    gram = theta.transpose(0, 2, 1, 3).reshape(n * k, n * k)
+    gram = ntk_gram(apply_fn, params, x, per_example=per_example, chunk_size=chunk_size)
     gram = 0.5 * (gram + gram.T)
     return jnp.linalg.eigvalsh(gram)[::-1]

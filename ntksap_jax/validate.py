@@ -9,7 +9,7 @@ network with :func:`ntksap_jax.empirical_ntk` and with neural-tangents'
 Conventions (the traps):
 
 * BatchNorm: statistics are those of the masked network on the batch ``x``
-  (:func:`ntksap_jax.analysis.calibrated_batch_stats`), then fixed; both libraries
+  (:func:`ntksap_jax.model.calibrated_batch_stats`), then fixed; both libraries
   differentiate the same eval-mode function ``f(θ⊙m, x)``, whose per-example outputs
   are independent, so neural-tangents' ``vmap_axes=0`` is valid.
 * Normalisation: the full kernel is compared with ``trace_axes=()`` on both sides
@@ -38,13 +38,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntksap_jax._compat import SUPPORTED_IMPLEMENTATIONS, UNSUPPORTED_IMPLEMENTATIONS, import_neural_tangents
-from ntksap_jax.analysis import calibrated_batch_stats, masked_apply_fn
+from ntksap_jax._compat import (
+    SUPPORTED_IMPLEMENTATIONS,
+    UNSUPPORTED_IMPLEMENTATIONS,
+    NeuralTangentsUnavailable,
+    import_neural_tangents,
+)
+from ntksap_jax.model import calibrated_batch_stats, masked_apply_fn
 from ntksap_jax.ntk import NtkImplementation, empirical_ntk
 
 PyTree = Any
 
-__all__ = ["TOLERANCES", "ValidationRow", "ValidationResult", "validate_ntk", "format_validation", "tolerance_for"]
+__all__ = ["TOLERANCES", "ValidationRow", "ValidationResult", "validate_ntk", "format_validation", "tolerance_for",
+           "import_neural_tangents", "NeuralTangentsUnavailable", "SUPPORTED_IMPLEMENTATIONS"]
 
 # Relative Frobenius error allowed between the two kernels, by dtype.
 TOLERANCES = {"float64": 1e-10, "float32": 1e-5}
@@ -148,7 +154,7 @@ def validate_ntk(
       ``trace_axes=(-1,)`` times K.
 
     Raises:
-      ntksap_jax._compat.NeuralTangentsUnavailable: neural-tangents is not installed
+      NeuralTangentsUnavailable: neural-tangents is not installed
         (the message says how to install it).
 
     Example::
@@ -189,7 +195,7 @@ def validate_ntk(
             )
         impl = getattr(nt.NtkImplementation, name)
         kernel_fn = nt.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, implementation=impl)
-        theirs, s = _timed(lambda p, x: kernel_fn(x, None, p), params, x)
+        theirs, s = _timed(lambda p, x, kernel_fn=kernel_fn: kernel_fn(x, None, p), params, x)
         rows.append(_compare(f"neural-tangents {name}", theirs, ref, s, tol))
 
     traced_fn = nt.empirical_ntk_fn(

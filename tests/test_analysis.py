@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import official_bn_stats
-from ntksap_jax import analysis
+from ntksap_jax.analysis import spectrum as analysis
 from ntksap_jax.analysis import ntk_spectrum, plot_densities, plot_spectrum, spectrum_study
 from ntksap_jax.masks import init_masks
 from ntksap_jax.models import get_model

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntksap_jax import apply_masks, get_model, init_masks, ntksap_objective
-from ntksap_jax.analysis import calibrated_batch_stats, masked_apply_fn
+from ntksap_jax import apply_masks, get_model, init_masks
+from ntksap_jax.scores import ntksap_objective
+from ntksap_jax.model import calibrated_batch_stats, masked_apply_fn
 from ntksap_jax.models.resnet_cifar import LotteryResNet
 from ntksap_jax.ntk import gaussian_like
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import to_f64
-from ntksap_jax import empirical_ntk, get_model, ntk_eigenvalues, ntk_trace, ntk_trace_finite_difference
-from ntksap_jax import ntk_trace_hutchinson, NtkImplementation
+from ntksap_jax import empirical_ntk, get_model, ntk_eigenvalues, ntk_trace
+from ntksap_jax.ntk import ntk_trace_finite_difference
+from ntksap_jax.ntk import ntk_trace_hutchinson, NtkImplementation
+from ntksap_jax.ntk import gram_chunk_size, ntk_gram
 
 
 def oracle_ntk(apply_fn, params, x1, x2):
@@ -49,7 +51,9 @@ def _resnet_case(key):
     x = jax.random.normal(key, (3, 8, 8, 3), jnp.float64)
     v = to_f64(jax.jit(lambda k, xb: model.init(k, xb))(jax.random.key(1), x))
     # Non-trivial eval-mode statistics, fixed.
-    stats = jax.tree.map(lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(3), a.shape, a.dtype)), v["batch_stats"])
+    stats = jax.tree.map(
+        lambda a: a + 0.1 * jnp.abs(jax.random.normal(jax.random.key(3), a.shape, a.dtype)), v["batch_stats"]
+    )
     return (lambda p, xb: model.apply({"params": p, "batch_stats": stats}, xb, train=False)), v["params"], x
 
 
@@ -106,7 +110,9 @@ def test_linear_model_kernel_is_hand_derived(x64):
     # f(x) = x W: Θ[i, j, a, b] = δ_ab <x_i, x_j>, tr Θ = K ‖X‖²_F.
     w = jax.random.normal(jax.random.key(0), (5, 3), jnp.float64)
     x = jax.random.normal(jax.random.key(1), (4, 5), jnp.float64)
-    apply_fn = lambda p, xb: xb @ p["w"]
+    def apply_fn(p, xb):
+        return xb @ p["w"]
+
     theta = empirical_ntk(apply_fn, {"w": w}, x)
     want = jnp.einsum("ip,jp->ij", x, x)[:, :, None, None] * jnp.eye(3)
     np.testing.assert_allclose(theta, want, rtol=1e-12, atol=1e-12)
@@ -163,10 +169,55 @@ def test_vmap_over_weight_samples():
     stacked = jax.vmap(lambda k: model.init(k, x.astype(jnp.float32))["params"])(keys)
     xs = x.astype(jnp.float32)
     batched = jax.jit(jax.vmap(lambda p: ntk_trace(apply_fn, p, xs)))(stacked)
-    one_by_one = [float(ntk_trace(apply_fn, jax.tree.map(lambda a: a[i], stacked), xs)) for i in range(3)]
+    one_by_one = [float(ntk_trace(apply_fn, jax.tree.map(lambda a, i=i: a[i], stacked), xs)) for i in range(3)]
     np.testing.assert_allclose(np.asarray(batched), one_by_one, rtol=1e-5)
 
 
 def test_bad_output_shape_is_rejected():
     with pytest.raises(ValueError, match=r"shape \(N, K\)"):
         ntk_trace(lambda p, x: (x * p).sum(), jnp.ones(3), jnp.ones((2, 3)))
+
+
+def _oracle_gram(apply_fn, params, x):
+    theta = oracle_ntk(apply_fn, params, x, x)
+    n, _, k, _ = theta.shape
+    return np.asarray(theta.transpose(0, 2, 1, 3).reshape(n * k, n * k))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ntk_gram_whole_and_blocked_match_oracle_float64(x64, case):
+    """Whole-batch rows, per-example rows, and both in blocks of 2 examples (N = 5, 4, 3: padded
+    last blocks for the MLP and the ResNet)."""
+    apply_fn, params, x = CASES[case](jax.random.key(0))
+    want = _oracle_gram(apply_fn, params, x)
+    for per_example in (False, True):
+        for chunk in (None, 2):
+            got = jax.jit(
+                lambda p, xb, per_example=per_example, chunk=chunk: ntk_gram(
+                    apply_fn, p, xb, per_example=per_example, chunk_size=chunk
+                )
+            )(params, x)
+            assert got.shape == want.shape and got.dtype == jnp.float64
+            rel = float(np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want))
+            assert rel < 1e-10, (per_example, chunk, rel)
+
+
+def test_ntk_gram_blocks_of_a_batch_coupled_model(x64):
+    """Without per_example, blocks pull back the whole-batch output: right for coupled models too."""
+    w = jnp.arange(12.0).reshape(4, 3) / 10
+    apply_fn = lambda p, xb: jnp.tanh(xb @ p) + jnp.mean(xb @ p, axis=0)  # noqa: E731
+    x = jax.random.normal(jax.random.key(1), (5, 4), jnp.float64)
+    want = _oracle_gram(apply_fn, w, x)
+    for chunk in (None, 2):
+        got = np.asarray(ntk_gram(apply_fn, w, x, chunk_size=chunk))
+        assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) < 1e-10
+    per_example = np.asarray(ntk_gram(apply_fn, w, x, per_example=True, chunk_size=2))
+    assert float(np.linalg.norm(per_example - want) / np.linalg.norm(want)) > 1e-3
+
+
+def test_ntk_gram_chunk_size_is_checked_and_sized():
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        ntk_gram(lambda p, xb: xb @ p, jnp.ones((3, 2)), jnp.ones((4, 3)), chunk_size=0)
+    assert gram_chunk_size(256, 10, 272_474, 4) == 98  # ResNet-20, float32: 98 examples per 1 GiB block
+    assert gram_chunk_size(64, 10, 272_474, 4) == 64
+    assert gram_chunk_size(8, 10, 10**9, 8) == 1
