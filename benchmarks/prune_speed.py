@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 OFFICIAL = {"resnet20-cifar10": {"seconds_per_iteration": 2.5, "seconds_total": 57.0, "peak_rss_gb": 0.9,
-                                 "note": "official NTK-SAP (PyTorch), torch 2.13 CPU, 2 threads, the project's 2-core CPU"}}
+                                 "note": "official NTK-SAP (PyTorch), torch 2.13 CPU, 2 threads, "
+                                         "the project's 2-core CPU"}}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -87,8 +88,8 @@ def run_config(cfg: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ntksap_jax import count_kept, get_preset, init_masks, ntksap_scorer, prune
-    from ntksap_jax.scores.ntksap import _batch_sizes
+    from ntksap_jax import count_kept, init_masks, ntksap_scorer, prune
+    from ntksap_jax.presets import get_preset
 
     preset = get_preset(cfg["preset"])
     model = preset.build_model()
@@ -107,20 +108,14 @@ def run_config(cfg: dict) -> dict:
     jax.block_until_ready(score(params, masks, batch_stats, jax.random.key(124)))
     steady = time.perf_counter() - t0
 
-    # FLOPs of one iteration: XLA's count for each compiled per-sample step, times its uses.
-    sizes = _batch_sizes(num_inputs, batch_size)
+    # FLOPs of one iteration: XLA's count for each program one call runs, times its uses.
     key = jax.random.key(0)
     if jax.default_backend() != "cpu":
         # XLA's GPU cost analysis (jax 0.11.2) counted ResNet-50's 10,000-image iteration as
         # 5.9 TFLOP where the convolutions alone are about 490 TFLOP: not reported.
         flops = float("nan")
-    elif hasattr(score, "steps"):
-        acc = jax.tree.map(jnp.zeros_like, masks)
-        per_size = {n: _flops(step.lower(acc, params, masks, batch_stats, key))
-                    for n, step in score.steps.items()}
-        flops = samples * sum(per_size[n] for n in sizes)
     else:
-        flops = _flops(score.lower(params, masks, batch_stats, key))
+        flops = sum(uses * _flops(low) for low, uses in score.lowered(params, masks, batch_stats, key))
 
     T = preset.ntksap_iterations
     k = min(cfg["iterations"] or T, T)
@@ -132,7 +127,8 @@ def run_config(cfg: dict) -> dict:
     out = {
         **cfg,
         "model": preset.model,
-        "T": T, "R": samples, "num_inputs": num_inputs, "weight_samples_per_iteration": samples * len(sizes),
+        "T": T, "R": samples, "num_inputs": num_inputs,
+        "weight_samples_per_iteration": samples * -(-num_inputs // batch_size),
         "iterations_timed": k,
         "density_after_timed": count_kept(result.masks) / sum(int(m.size) for m in jax.tree.leaves(result.masks)),
         "seconds_per_iteration_median": med,
@@ -154,7 +150,8 @@ def run_config(cfg: dict) -> dict:
 def markdown(report: dict) -> str:
     peak = report["matmul_peak_gflops"]
     lines = [
-        f"# NTK-SAP pruning speed ({report['device']}, {report['backend']}, jax {report['jax']}, {report['cpu_count']} CPUs)",
+        f"# NTK-SAP pruning speed ({report['device']}, {report['backend']}, jax {report['jax']}, "
+        f"{report['cpu_count']} CPUs)",
         "",
         f"Machine peak (float32 {report['matmul_size']}² matmul, this run): **{peak:.0f} GFLOP/s**.",
         "",
@@ -169,8 +166,10 @@ def markdown(report: dict) -> str:
         official = OFFICIAL.get(r["preset"], {}).get("seconds_per_iteration")
         ratio = f"{official / r['seconds_per_iteration_median']:.2f}×" if official else "—"
         lines.append(
-            f"| {r['preset']} (T={r['T']}, R={r['R']}, {r['num_inputs']} inputs) | {r['estimator']} | {r['sample_loop']} "
-            f"| {r['seconds_per_iteration_median']:.2f} | {r['compile_seconds']:.1f} | {r['projected_total_seconds']:.0f} "
+            f"| {r['preset']} (T={r['T']}, R={r['R']}, {r['num_inputs']} inputs) | {r['estimator']} "
+            f"| {r['sample_loop']} "
+            f"| {r['seconds_per_iteration_median']:.2f} | {r['compile_seconds']:.1f} "
+            f"| {r['projected_total_seconds']:.0f} "
             f"| {r['peak_rss_gb']:.2f} | {r['gflop_per_iteration']:.4g} | {r['gflops_achieved']:.3g} "
             f"| {100 * r['gflops_achieved'] / peak:.0f}% | {ratio} |"
         )
@@ -185,7 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--estimators", nargs="+", default=["finite_difference"])
     p.add_argument("--sample-loops", nargs="+", default=["auto"])
     p.add_argument("--iterations", type=int, default=None,
-                   help="rounds to time (default: all T when T <= 20, else 3, or 1 on CPU where a VGG-16 round takes minutes); the total is projected to T")
+                   help="rounds to time (default: all T when T <= 20, else 3, or 1 on CPU where a VGG-16 round "
+                        "takes minutes); the total is projected to T")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/prune_speed_<backend>)")
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
-    from ntksap_jax import get_preset
+    from ntksap_jax.presets import get_preset
     from _report import write_report
 
     peak_before = matmul_peak_gflops(args.matmul_size)

@@ -18,15 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.masks import check_density
 
 __all__ = ["uniform_densities", "erk_densities", "layer_counts", "get_distribution", "DISTRIBUTIONS"]
 
 PyTree = Any
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def uniform_densities(masks: PyTree, density: float) -> PyTree:
@@ -93,7 +90,9 @@ def get_distribution(name: str):
     try:
         return DISTRIBUTIONS[name]
     except KeyError:
-        raise ValueError(f"unknown distribution {name!r}; choose one of {sorted(DISTRIBUTIONS)} (or 'global')") from None
+        raise ValueError(
+            f"unknown distribution {name!r}; choose one of {sorted(DISTRIBUTIONS)} (or 'global')"
+        ) from None
 
 
 def layer_counts(masks: PyTree, densities: PyTree) -> PyTree:

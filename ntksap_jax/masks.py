@@ -20,14 +20,14 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntksap_jax._io import atomic_write
+from ntksap_jax._checks import is_none as _is_none
+from ntksap_jax._mask_files import load_masks, save_masks
 
 __all__ = [
     "default_filter",
@@ -54,10 +54,6 @@ __all__ = [
 
 PyTree = Any
 FilterFn = Callable[[tuple, Any], bool]
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def path_name(path: Iterable) -> str:
@@ -157,7 +153,9 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
       pruned = apply_masks(params, masks)
     """
-    return jax.tree.map(lambda m, p: p if m is None else p * m.astype(jnp.result_type(p)), masks, params, is_leaf=_is_none)
+    return jax.tree.map(
+        lambda m, p: p if m is None else p * m.astype(jnp.result_type(p)), masks, params, is_leaf=_is_none
+    )
 
 
 def _mask_leaves(masks: PyTree) -> list:
@@ -175,13 +173,15 @@ def count_total(masks: PyTree) -> int:
 
 
 def count_kept(masks: PyTree) -> int:
-    """Number of non-zero mask entries (a host sync).
+    """Number of non-zero mask entries (a host sync; device arrays, sharded ones included, are
+    counted where they live).
 
     Example::
 
       count_kept(masks) / count_total(masks)  # the density
     """
-    return int(sum(int(np.count_nonzero(np.asarray(m))) for m in _mask_leaves(masks)))
+    return int(sum(np.count_nonzero(m) if isinstance(m, np.ndarray) else int(jnp.count_nonzero(m))
+                   for m in _mask_leaves(masks)))
 
 
 def masked_density(masks: PyTree) -> float:
@@ -253,7 +253,9 @@ def _keep_count(density, n: int):
     # Python's round() and jnp.round() both round half to even.
     if not isinstance(density, jax.core.Tracer):
         return round(check_density(density) * n)
-    return jnp.round(jnp.asarray(density, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) * n).astype(jnp.int32)
+    return jnp.round(
+        jnp.asarray(density, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32) * n
+    ).astype(jnp.int32)
 
 
 def _keep_top(flat_scores: jax.Array, live: jax.Array, k) -> jax.Array:
@@ -400,8 +402,14 @@ def collapsed_layers(masks: PyTree) -> list[str]:
     return [r["name"] for r in density_report(masks) if r["kept"] == 0]
 
 
-def format_report(rows: list[dict]) -> str:
+def format_report(rows: list[dict], counts: Mapping[str, str] | None = None) -> str:
     """A fixed-width text table of :func:`density_report` rows with a total line.
+
+    Args:
+      rows: ``[{"name", "shape", "kept", "total", "density", ...}, ...]``.
+      counts: more integer columns, ``{header: row key}``, summed on the total line, e.g.
+        ``{"on path": "effective"}`` for rows annotated with path counts
+        (:func:`ntksap_jax.collapse.path_report`).
 
     Example::
 
@@ -409,88 +417,19 @@ def format_report(rows: list[dict]) -> str:
     """
     if not rows:
         return "(no prunable layers)"
+    counts = dict(counts or {})
     w = max(len("layer"), *(len(r["name"]) for r in rows))
-    paths = all("effective" in r for r in rows)  # rows annotated by the CLI with path counts
-    extra = f" {'on path':>9}" if paths else ""
-    lines = [f"{'layer':<{w}}  {'shape':<18} {'kept':>10} {'total':>10} {'density':>9}{extra}"]
+
+    def extra(values) -> str:
+        return "".join(f" {v:>9,}" if isinstance(v, int) else f" {v:>9}" for v in values)
+
+    lines = [f"{'layer':<{w}}  {'shape':<18} {'kept':>10} {'total':>10} {'density':>9}{extra(counts)}"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        extra = f" {r['effective']:>9,}" if paths else ""
-        lines.append(f"{r['name']:<{w}}  {shape:<18} {r['kept']:>10,} {r['total']:>10,} {r['density']:>9.4%}{extra}")
+        lines.append(f"{r['name']:<{w}}  {shape:<18} {r['kept']:>10,} {r['total']:>10,} {r['density']:>9.4%}"
+                     f"{extra(r[k] for k in counts.values())}")
     kept = sum(r["kept"] for r in rows)
     total = sum(r["total"] for r in rows)
-    extra = f" {sum(r['effective'] for r in rows):>9,}" if paths else ""
-    lines.append(f"{'total':<{w}}  {'':<18} {kept:>10,} {total:>10,} {kept / total:>9.4%}{extra}")
+    sums = (sum(r[k] for r in rows) for k in counts.values())
+    lines.append(f"{'total':<{w}}  {'':<18} {kept:>10,} {total:>10,} {kept / total:>9.4%}{extra(sums)}")
     return "\n".join(lines)
-
-
-def save_masks(path: str | os.PathLike, masks: PyTree) -> None:
-    """Write masks to an ``.npz`` file atomically (temp file in the same folder, then rename).
-
-    Each non-``None`` leaf is stored as a boolean array under its dotted path name;
-    dense leaves are not stored. :func:`load_masks` restores them exactly.
-
-    Raises ``ValueError`` if a mask has entries other than 0 and 1.
-
-    Example::
-
-      save_masks("run/masks.npz", masks)
-      masks2 = load_masks("run/masks.npz", params)
-    """
-    path = os.fspath(path)
-    arrays = {}
-    for name, m in named_leaves(masks):
-        if m is None:
-            continue
-        a = np.asarray(m)
-        if not np.all((a == 0) | (a == 1)):
-            raise ValueError(f"mask {name!r} has entries other than 0 and 1; refusing to save it as a mask")
-        arrays[name] = a.astype(bool)
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), binary=True)
-
-
-def load_masks(path: str | os.PathLike, params: PyTree) -> PyTree:
-    """Read masks saved by :func:`save_masks`, rebuilt in the structure of ``params``.
-
-    Leaves of ``params`` that the file does not name get ``None`` (dense). Mask leaves get
-    the param's dtype. Raises ``ValueError`` with one clear line when the file is missing,
-    unreadable or corrupt, has an entry that is not a 0/1 array, or names a param that
-    ``params`` lacks or a shape that differs (a mask made for another model).
-
-    Example::
-
-      masks = load_masks("run/masks.npz", variables["params"])
-    """
-    where = os.fspath(path)
-    if not os.path.isfile(where):
-        raise ValueError(f"mask file {where!r} does not exist (expected the masks.npz written by `ntksap-jax prune`)")
-    try:
-        with np.load(where, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("it holds a single array, not named masks")
-            stored = {k: data[k] for k in data.files}
-    except Exception as e:  # zipfile.BadZipFile, EOFError, zlib.error, pickle refusal, truncated members, ...
-        raise ValueError(
-            f"{where}: not a readable masks file ({type(e).__name__}: {e}); "
-            "expected an .npz of 0/1 arrays written by save_masks / `ntksap-jax prune`"
-        ) from None
-    for name, a in stored.items():
-        if a.dtype != np.bool_ and not (np.issubdtype(a.dtype, np.number) and np.all((a == 0) | (a == 1))):
-            raise ValueError(f"{where}: entry {name!r} is not a 0/1 mask (dtype {a.dtype})")
-    names = {n for n, _ in named_leaves(params)}
-    unknown = sorted(set(stored) - names)
-    if unknown:
-        raise ValueError(f"{os.fspath(path)}: masks for params that the model does not have: {unknown[:5]}")
-
-    def build(path_, p):
-        name = path_name(path_)
-        if name not in stored:
-            return None
-        a = stored[name]
-        if tuple(a.shape) != tuple(jnp.shape(p)):
-            raise ValueError(
-                f"{os.fspath(path)}: mask {name!r} has shape {tuple(a.shape)}, the param has {tuple(jnp.shape(p))}"
-            )
-        return jnp.asarray(a, dtype=jnp.result_type(p))
-
-    return jax.tree_util.tree_map_with_path(build, params)

@@ -1,4 +1,5 @@
-"""Many devices and many hosts through JAX's own SPMD machinery: a device ``Mesh``, ``NamedSharding``s, ``jax.distributed``.
+"""Many devices and many hosts through JAX's own SPMD machinery: a device ``Mesh``, ``NamedSharding``s,
+``jax.distributed``.
 
 The library is written for one device; a mesh makes the *same* jitted programs run across many.
 Arrays are placed with shardings and the compiler (GSPMD) partitions the work and inserts the
@@ -20,7 +21,8 @@ rounding (reductions are summed in another order), and the masks are identical o
 
 Example::
 
-    from ntksap_jax import make_mesh, prune, ntksap_scorer
+    from ntksap_jax import ntksap_scorer, prune
+    from ntksap_jax.parallel import make_mesh
     mesh = make_mesh()                       # all devices, data parallel
     result = prune(ntksap_scorer(model, (32, 32, 3)), params, batch_stats=batch_stats,
                    density=0.05, iterations=20, key=jax.random.key(0), mesh=mesh)
@@ -40,6 +42,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from ntksap_jax._checks import is_none as _is_none
 
 __all__ = [
     "DATA_AXIS",
@@ -66,10 +70,6 @@ PyTree = Any
 DATA_AXIS = "data"
 #: Mesh axis over which kernels' output features are split (size 1 unless asked for).
 MODEL_AXIS = "model"
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def make_mesh(
@@ -106,7 +106,9 @@ def make_mesh(
     available = len(devices)
     n = available if num_devices is None else num_devices
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= available:
-        raise ValueError(f"num_devices must be an integer in 1..{available} (the devices available); got {num_devices!r}")
+        raise ValueError(
+            f"num_devices must be an integer in 1..{available} (the devices available); got {num_devices!r}"
+        )
     if isinstance(model_parallel, bool) or not isinstance(model_parallel, (int, np.integer)) or model_parallel < 1:
         raise ValueError(f"model_parallel must be a positive integer; got {model_parallel!r}")
     if n % model_parallel:

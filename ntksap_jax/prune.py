@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.masks import (
     apply_masks,
     check_density,
     check_scores,
     check_structure,
+    count_kept,
     count_total,
     global_topk_count,
     init_masks,
@@ -71,7 +73,6 @@ OnCollapse = ("warn", "raise", "ignore")
 
 _global_topk_count = jax.jit(global_topk_count)
 _layerwise_topk_counts = jax.jit(layerwise_topk_counts)
-_count_kept = jax.jit(lambda masks: sum(jnp.count_nonzero(m) for m in jax.tree.leaves(masks)))
 _negate = jax.jit(lambda scores: jax.tree.map(jnp.negative, scores))
 
 
@@ -194,7 +195,7 @@ def prune(
     diagnostics = _diagnose(masks, zero_scored, params, batch_stats, model, input_shape)
     if off_path == "reallocate":
         diagnostics["reallocated"] = moved
-        diagnostics["kept"] = int(_count_kept(masks))
+        diagnostics["kept"] = count_kept(masks)
     _report_degenerate(diagnostics, on_collapse)
     return PruneResult(masks=masks, params=apply_masks(params, masks), history=history, diagnostics=diagnostics)
 
@@ -217,10 +218,6 @@ def _diagnose(masks, zero_scored, params, batch_stats, model, input_shape) -> di
         out["disconnected"] = rep["disconnected"]
         out["off_path_layers"] = [r["name"] for r in rep["layers"] if r["effective"] < r["kept"]]
     return out
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 #: Most passes of ``off_path="reallocate"`` (each drops the off-path weights and refills).
@@ -301,7 +298,7 @@ def _rounds(score_fn, params, masks, batch_stats, key, densities, total, allocat
                 counts = jax.tree.map(lambda c: None if c is None else jnp.asarray(c, jnp.int32),
                                       layer_counts(masks, allocate(masks, float(d_t))), is_leaf=lambda c: c is None)
                 masks = _layerwise_topk_counts(scores, masks, counts)
-        kept = int(_count_kept(masks))
+        kept = count_kept(masks)
         row = {"iteration": t, "density_target": float(d_t), "kept": kept, "seconds": time.perf_counter() - start}
         history.append(row)
         if progress is not None:

@@ -7,19 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntksap_jax import (
-    apply_masks,
-    check_structure,
-    count_kept,
-    count_total,
-    density_report,
-    global_topk,
-    global_topk_count,
-    init_masks,
-    layerwise_topk,
-    load_masks,
-    save_masks,
-)
+from ntksap_jax import apply_masks, count_kept, density_report, init_masks, load_masks, save_masks
+from ntksap_jax.masks import check_structure, count_total, global_topk, global_topk_count, layerwise_topk
 from ntksap_jax.masks import check_density, check_scores, collapsed_layers
 
 
@@ -50,7 +39,8 @@ def test_global_topk_keeps_exact_count_of_the_largest(density):
     k = round(density * 252)
     assert count_kept(new) == k
     # The kept set is exactly the k largest |θ| (no ties in continuous draws).
-    flat = np.concatenate([np.abs(np.asarray(params["conv"]["kernel"])).ravel(), np.abs(np.asarray(params["fc"]["kernel"])).ravel()])
+    flat = np.concatenate([np.abs(np.asarray(params["conv"]["kernel"])).ravel(),
+                           np.abs(np.asarray(params["fc"]["kernel"])).ravel()])
     kept = np.concatenate([np.asarray(new["conv"]["kernel"]).ravel(), np.asarray(new["fc"]["kernel"]).ravel()])
     assert set(np.flatnonzero(kept)) == set(np.argsort(flat)[::-1][:k])
     assert new["fc"]["bias"] is None
@@ -145,7 +135,9 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path):
     save_masks(path, masks)
     assert sorted(os.listdir(tmp_path)) == ["masks.npz"]  # no temp file left behind
     back = load_masks(path, params)
-    assert jax.tree.structure(back, is_leaf=lambda t: t is None) == jax.tree.structure(masks, is_leaf=lambda t: t is None)
+    assert jax.tree.structure(back, is_leaf=lambda t: t is None) == jax.tree.structure(
+        masks, is_leaf=lambda t: t is None
+    )
     for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(back)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
@@ -182,3 +174,15 @@ def test_density_report_and_collapse():
     assert [r["name"] for r in rows] == ["fc.kernel", "conv.kernel"]
     assert rows[1] == {"name": "conv.kernel", "shape": [3, 3, 2, 4], "total": 72, "kept": 0, "density": 0.0}
     assert collapsed_layers(masks) == ["conv.kernel"]
+
+
+def test_format_report_adds_the_count_columns_it_is_given():
+    """The table knows no column beyond kept/total/density unless asked (the CLI's "on path" column is one)."""
+    from ntksap_jax.masks import format_report
+
+    rows = [{"name": "a.kernel", "shape": [2, 3], "kept": 4, "total": 6, "density": 4 / 6, "effective": 3},
+            {"name": "b.kernel", "shape": [3, 1], "kept": 1, "total": 3, "density": 1 / 3, "effective": 1}]
+    plain = format_report(rows).splitlines()
+    assert "on path" not in plain[0] and plain[-1].split() == ["total", "5", "9", "55.5556%"]
+    annotated = format_report(rows, {"on path": "effective"}).splitlines()
+    assert annotated[0].endswith("  on path") and annotated[1].split()[-1] == "3" and annotated[-1].split()[-1] == "4"

@@ -11,13 +11,16 @@ Example::
 
 Registered: ``ntksap``, ``random``, ``magnitude``, and the baselines ``snip``,
 ``iterative_snip``, ``grasp`` (labelled-loss scorers: ``num_classes=`` required, ``data=(x, y)``
-optional) and ``synflow`` (data-free; meant for ~100 iterations).
+optional) and ``synflow`` (data-free; meant for ~100 iterations). Each is declared as a
+:class:`Method` (:func:`get_method`): whether it needs data, its default rounds, its options.
+The library's factories return a :class:`ScoreFn`, whose ``traces`` counts its compilations.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from ntksap_jax.scores._protocol import Method, ScoreFn
 from ntksap_jax.scores.basic import magnitude_scorer, random_scorer
 from ntksap_jax.scores.grasp import grasp_scorer
 from ntksap_jax.scores.ntksap import (
@@ -37,6 +40,9 @@ from ntksap_jax.scores.snip import iterative_snip_scorer, prune_loss, snip_score
 from ntksap_jax.scores.synflow import synflow_objective, synflow_scorer
 
 __all__ = [
+    "Method",
+    "ScoreFn",
+    "get_method",
     "get_scorer",
     "list_scorers",
     "register_scorer",
@@ -61,21 +67,45 @@ __all__ = [
     "SampleLoop",
 ]
 
-_REGISTRY: dict[str, Callable] = {}
+_REGISTRY: dict[str, Method] = {}
 
 
-def register_scorer(name: str, factory: Callable) -> None:
-    """Register ``factory(model, input_shape, **config) -> score`` under ``name``.
+def register_scorer(name: str, factory: Callable, *, needs_data: bool = False, default_iterations: int = 1,
+                    official_by_dataset: bool = False) -> Method:
+    """Register ``factory(model, input_shape, **config) -> score`` under ``name``; returns its :class:`Method`.
+
+    Args:
+      name: the method's name (``ntksap-jax prune --method NAME``, ``prune_model(method=NAME)``).
+      factory: builds ``score(params, masks, batch_stats, key) -> scores``.
+      needs_data: it scores a labelled batch (``data=(x, y)``, ``num_classes=``).
+      default_iterations: pruning rounds when none are given.
+      official_by_dataset: its official rounds and repeats come from the data set (NTK-SAP).
 
     Raises ``ValueError`` if the name is taken.
 
     Example::
 
-      register_scorer("mine", lambda model, input_shape, **cfg: my_score_fn)
+      register_scorer("mine", lambda model, input_shape, **cfg: my_score_fn, default_iterations=10)
     """
     if name in _REGISTRY:
         raise ValueError(f"a scorer named {name!r} is already registered")
-    _REGISTRY[name] = factory
+    method = Method(name, factory, needs_data=needs_data, default_iterations=default_iterations,
+                    official_by_dataset=official_by_dataset)
+    _REGISTRY[name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The :class:`Method` registered as ``name``; ``ValueError`` listing the names otherwise.
+
+    Example::
+
+      get_method("iterative_snip").needs_data   # True
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(list_scorers())}") from None
 
 
 def get_scorer(name: str) -> Callable:
@@ -85,10 +115,7 @@ def get_scorer(name: str) -> Callable:
 
       get_scorer("magnitude")(model, (32, 32, 3))
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {list_scorers()}") from None
+    return get_method(name).factory
 
 
 def list_scorers() -> tuple[str, ...]:
@@ -96,10 +123,10 @@ def list_scorers() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-register_scorer("ntksap", ntksap_scorer)
+register_scorer("ntksap", ntksap_scorer, default_iterations=20, official_by_dataset=True)
 register_scorer("random", random_scorer)
 register_scorer("magnitude", magnitude_scorer)
-register_scorer("snip", snip_scorer)
-register_scorer("iterative_snip", iterative_snip_scorer)
-register_scorer("grasp", grasp_scorer)
-register_scorer("synflow", synflow_scorer)
+register_scorer("snip", snip_scorer, needs_data=True)
+register_scorer("iterative_snip", iterative_snip_scorer, needs_data=True, default_iterations=100)
+register_scorer("grasp", grasp_scorer, needs_data=True)
+register_scorer("synflow", synflow_scorer, default_iterations=100)

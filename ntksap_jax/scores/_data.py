@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import math
-import operator
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -19,36 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntksap_jax._checks import positive_int as check_positive_int
 from ntksap_jax.model import as_model
 from ntksap_jax.parallel import shard_examples
 
 PyTree = Any
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def _is_none(x) -> bool:
-    return x is None
-
-
-def check_positive_int(value, name: str) -> int:
-    """``int(value)`` or ``ValueError`` unless it is an integer ≥ 1 (``bool`` is refused)."""
-    try:
-        n = operator.index(value)
-    except TypeError:
-        n = None
-    if isinstance(value, bool) or n is None or n < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(n)
-
-
-def check_positive_float(value, name: str) -> float:
-    """``float(value)`` or ``ValueError`` unless it is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    return v
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -171,5 +145,5 @@ def train_apply(model, params: PyTree, batch_stats: PyTree, x: jax.Array) -> jax
 
 def params_dtype(params: PyTree):
     """The promoted floating dtype of ``params`` (inputs are drawn/cast to it)."""
-    leaves = [l for l in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(l), jnp.floating)]
+    leaves = [leaf for leaf in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
     return jnp.result_type(*leaves) if leaves else jnp.float32

@@ -11,15 +11,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.ntk import gaussian_like
+from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 
 __all__ = ["random_scorer", "magnitude_scorer"]
 
 PyTree = Any
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def random_scorer(model=None, input_shape: Sequence[int] | None = None):
@@ -31,11 +29,14 @@ def random_scorer(model=None, input_shape: Sequence[int] | None = None):
       s = score(params, masks, None, jax.random.key(0))
     """
 
+    counter = TraceCounter()
+
     @jax.jit
+    @counter.wrap
     def score(params, masks, batch_stats, key):
         return gaussian_like(key, masks)
 
-    return score
+    return ScoreFn(score, counter, lambda *args: [(score.lower(*args), 1)])
 
 
 def magnitude_scorer(model=None, input_shape: Sequence[int] | None = None):
@@ -46,8 +47,11 @@ def magnitude_scorer(model=None, input_shape: Sequence[int] | None = None):
       s = magnitude_scorer()(params, masks, None, jax.random.key(0))
     """
 
+    counter = TraceCounter()
+
     @jax.jit
+    @counter.wrap
     def score(params, masks, batch_stats, key):
         return jax.tree.map(lambda m, p: None if m is None else jnp.abs(p), masks, params, is_leaf=_is_none)
 
-    return score
+    return ScoreFn(score, counter, lambda *args: [(score.lower(*args), 1)])

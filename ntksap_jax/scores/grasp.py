@@ -23,23 +23,21 @@ Here ``H g`` is one forward-over-reverse Hessian-vector product (``jax.jvp`` of 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 
+from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.model import as_model
-from ntksap_jax.scores._data import LossFn, check_positive_float, params_dtype, prune_data, resolve_loss
+from ntksap_jax._checks import positive_float as check_positive_float
+from ntksap_jax.scores._data import LossFn, params_dtype, prune_data, resolve_loss
+from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 from ntksap_jax.scores.snip import prune_loss
 
 __all__ = ["grasp_scorer"]
 
 PyTree = Any
-ScoreFn = Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def grasp_scorer(
@@ -86,7 +84,10 @@ def grasp_scorer(
     pdata = prune_data("grasp", input_shape, num_classes=num_classes, data=data, num_inputs=num_inputs,
                        batch_size=batch_size, stacklevel=3)
 
+    counter = TraceCounter()
+
     @jax.jit
+    @counter.wrap
     def _score(params, masks, batch_stats, key, x, y):
         batches = pdata.batches(key, x, y, params_dtype(params))
         # θ: the prunable leaves (a masks-shaped pytree, None on dense leaves).
@@ -106,5 +107,4 @@ def grasp_scorer(
     def score(params, masks, batch_stats, key):
         return _score(params, masks, batch_stats, key, x, y)
 
-    score.jitted = _score  # exposed for trace counting
-    return score
+    return ScoreFn(score, counter, lambda p, m, bs, k: [(_score.lower(p, m, bs, k, x, y), 1)])

@@ -50,10 +50,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from ntksap_jax._checks import positive_float, positive_int
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.model import Model, as_model
 from ntksap_jax.ntk import gaussian_like, jvp_squared_norm
 from ntksap_jax.parallel import cpu_collectives_need_serial, shard_examples
+from ntksap_jax.scores._data import batch_sizes
+from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 
 __all__ = [
     "Estimator",
@@ -363,11 +366,6 @@ def ntksap_sample_gradient(
     return jax.grad(objective)(masks)
 
 
-def _batch_sizes(num_inputs: int, batch_size: int) -> list[int]:
-    full, rest = divmod(num_inputs, batch_size)
-    return [batch_size] * full + ([rest] if rest else [])
-
-
 def _finalize(grad_sum: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(
         lambda m, g: None if m is None else jnp.abs(g) * (m != 0), masks, grad_sum, is_leaf=lambda t: t is None
@@ -426,23 +424,24 @@ def ntksap_scorer(
       score = ntksap_scorer(model, (32, 32, 3), samples=5)
       s = score(variables["params"], init_masks(variables["params"]), variables["batch_stats"], jax.random.key(1))
     """
-    for name, v in (("samples", samples), ("num_inputs", num_inputs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer; got {v!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number; got {eps!r}")
+    samples, num_inputs, batch_size = (positive_int(v, name) for v, name in (
+        (samples, "samples"), (num_inputs, "num_inputs"), (batch_size, "batch_size")))
+    eps = positive_float(eps, "eps")
     estimator = _choice(Estimator, estimator, "estimator")
     sample_loop = _choice(SampleLoop, sample_loop, "sample_loop")
     input_shape = tuple(int(s) for s in input_shape)
     spec = as_model(model, input_shape)
     reinit = make_reinit(spec, reinit)
-    sizes = _batch_sizes(num_inputs, batch_size)
+    sizes = batch_sizes(num_inputs, batch_size)
     if sample_loop == SampleLoop.AUTO:
         small = samples * num_inputs <= VMAP_MAX_INPUTS
         sample_loop = SampleLoop.VMAP if jax.default_backend() != "cpu" and small else SampleLoop.SEQUENTIAL
     # (repeat, batch) -> batch size; each pair is one weight sample with its own key.
     plan = [(r, b, n) for r in range(samples) for b, n in enumerate(sizes)]
 
+    counter = TraceCounter()
+
+    @counter.wrap
     def one(params, masks, batch_stats, key, n):
         return ntksap_sample_gradient(
             spec, params, masks, batch_stats, key, (n, *input_shape), eps=eps, estimator=estimator, reinit=reinit
@@ -455,7 +454,9 @@ def ntksap_scorer(
         # One compiled step per distinct batch size (one, or two when the last batch is short).
         steps = {
             n: jax.jit(
-                lambda acc, params, masks, batch_stats, key, n=n: _tree_add(acc, one(params, masks, batch_stats, key, n)),
+                lambda acc, params, masks, batch_stats, key, n=n: _tree_add(
+                    acc, one(params, masks, batch_stats, key, n)
+                ),
                 donate_argnums=0,
             )
             for n in sorted(set(sizes))
@@ -472,17 +473,21 @@ def ntksap_scorer(
                     jax.block_until_ready(acc)
             return finalize(acc, masks)
 
-        score.steps = steps  # exposed for trace counting and benchmarks
-        return score
+        def lowered(params, masks, batch_stats, key):
+            acc = jax.eval_shape(lambda m: jax.tree.map(jnp.zeros_like, m), masks)
+            uses = [n for _, _, n in plan]
+            return [(step.lower(acc, params, masks, batch_stats, key), uses.count(n)) for n, step in steps.items()]
+
+        return ScoreFn(score, counter, lowered)
 
     @jax.jit
     def score(params, masks, batch_stats, key):
         acc = None
         for b, n in enumerate(sizes):
             keys = jnp.stack([sample_key(key, r, b) for r in range(samples)])
-            grads = jax.vmap(lambda k: one(params, masks, batch_stats, k, n))(keys)
+            grads = jax.vmap(lambda k, n=n: one(params, masks, batch_stats, k, n))(keys)
             total = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
             acc = total if acc is None else _tree_add(acc, total)
         return _finalize(acc, masks)
 
-    return score
+    return ScoreFn(score, counter, lambda *args: [(score.lower(*args), 1)])

@@ -3,8 +3,12 @@
 Both differentiate the prune loss ``L = Σ_batches CE_mean(f(θ⊙m; x_b), y_b)`` (PyTorch's
 ``F.cross_entropy``, mean over each batch, summed over the batches of the prune loader:
 ``num_inputs`` examples in batches of at most ``batch_size``), BatchNorm in train mode
-(batch statistics, as the official ``--prune-train-mode True``; the updated running
-statistics are discarded). With ``w = θ⊙m`` and ``g_w = ∂L/∂w``:
+(batch statistics; the updated running statistics are discarded). Why train mode: the official
+argparse default is ``--prune-train-mode False`` (eval mode), but the official ``scripts/run.sh``,
+which produced the paper's SNIP, GraSP and iterative-SNIP baselines, passes
+``--prune-train-mode True``; and at initialization the running statistics are the BatchNorm
+defaults (mean 0, variance 1), so eval mode would score a network whose activations are not
+normalised at all. The same holds for GraSP (``grasp.py``). With ``w = θ⊙m`` and ``g_w = ∂L/∂w``:
 
 * SNIP (``Pruners/pruners.py`` class ``SNIP``): ``|∂L/∂m| = |θ ⊙ g_w|``. The official code
   leaves pruned entries at ``|θ ⊙ g_w|`` (so with more than one iteration its threshold can
@@ -22,23 +26,20 @@ with ``iterations > 1`` for the iterative variant (the official runs use 100).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.model import as_model
+from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 from ntksap_jax.scores._data import LossFn, cross_entropy, params_dtype, prune_data, resolve_loss, train_apply
 
 __all__ = ["snip_scorer", "iterative_snip_scorer", "prune_loss"]
 
 PyTree = Any
-ScoreFn = Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def prune_loss(model, params: PyTree, batch_stats: PyTree, batches, loss: LossFn = None, temperature: float = 1.0):
@@ -76,7 +77,10 @@ def _make(who: str, which: str, model, input_shape, *, num_classes, data, num_in
     pdata = prune_data(who, input_shape, num_classes=num_classes, data=data, num_inputs=num_inputs,
                        batch_size=batch_size, stacklevel=4)
 
+    counter = TraceCounter()
+
     @jax.jit
+    @counter.wrap
     def _score(params, masks, batch_stats, key, x, y):
         batches = pdata.batches(key, x, y, params_dtype(params))
         if which == "snip":
@@ -92,8 +96,7 @@ def _make(who: str, which: str, model, input_shape, *, num_classes, data, num_in
     def score(params, masks, batch_stats, key):
         return _score(params, masks, batch_stats, key, x, y)
 
-    score.jitted = _score  # exposed for trace counting
-    return score
+    return ScoreFn(score, counter, lambda p, m, bs, k: [(_score.lower(p, m, bs, k, x, y), 1)])
 
 
 def snip_scorer(

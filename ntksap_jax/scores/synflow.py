@@ -26,30 +26,32 @@ ImageNet models, where ``R`` overflows float32; ``float64=True`` does the latter
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.model import as_model
-from ntksap_jax.scores._data import check_positive_int, params_dtype
+from ntksap_jax._checks import positive_int as check_positive_int
+from ntksap_jax.scores._data import params_dtype
+from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 
 __all__ = ["synflow_scorer", "synflow_objective"]
 
 PyTree = Any
-ScoreFn = Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def _abs_cast(tree: PyTree, dtype) -> PyTree:
-    return jax.tree.map(lambda a: jnp.abs(a).astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree)
+    return jax.tree.map(
+        lambda a: jnp.abs(a).astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, tree
+    )
 
 
-def synflow_objective(model, params: PyTree, masks: PyTree, batch_stats: PyTree, input_shape: Sequence[int]) -> jax.Array:
+def synflow_objective(
+    model, params: PyTree, masks: PyTree, batch_stats: PyTree, input_shape: Sequence[int]
+) -> jax.Array:
     """``R = Σ f(1; |θ|⊙m)``: the sum of the outputs on one all-ones input, BatchNorm in eval mode.
 
     ``params`` and ``batch_stats`` are used as given (pass their absolute values, as
@@ -74,7 +76,9 @@ def synflow_objective(model, params: PyTree, masks: PyTree, batch_stats: PyTree,
     return jnp.sum(as_model(model, input_shape).apply(w, batch_stats, x)[0])
 
 
-def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None = None, float64: bool = False) -> ScoreFn:
+def synflow_scorer(
+    model, input_shape: Sequence[int], *, num_classes: int | None = None, float64: bool = False
+) -> ScoreFn:
     """Build the SynFlow score function ``score(params, masks, batch_stats, key) -> scores``.
 
     ``scores = |∂R/∂w ⊙ w|`` at ``w = |θ|⊙m`` with every param and BatchNorm statistic
@@ -110,7 +114,10 @@ def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None
     input_shape = tuple(int(s) for s in input_shape)
     model = as_model(model, input_shape)
 
+    counter = TraceCounter()
+
     @jax.jit
+    @counter.wrap
     def _score(params, masks, batch_stats):
         dtype = jnp.float64 if float64 else params_dtype(params)
         theta = _abs_cast(params, dtype)
@@ -118,7 +125,9 @@ def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None
         m = jax.tree.map(lambda a: a.astype(dtype), masks)
         grads = jax.grad(lambda p: synflow_objective(model, p, m, stats, input_shape))(theta)
         # official: |p.grad * p| with p = |θ| (raw, unmasked) and p.grad = m ⊙ ∂R/∂w.
-        return jax.tree.map(lambda mk, g, p: None if mk is None else jnp.abs(g * p), masks, grads, theta, is_leaf=_is_none)
+        return jax.tree.map(
+            lambda mk, g, p: None if mk is None else jnp.abs(g * p), masks, grads, theta, is_leaf=_is_none
+        )
 
     if float64:
 
@@ -131,5 +140,8 @@ def synflow_scorer(model, input_shape: Sequence[int], *, num_classes: int | None
         def score(params, masks, batch_stats, key):
             return _score(params, masks, batch_stats)
 
-    score.jitted = _score  # exposed for trace counting
-    return score
+    def lowered(params, masks, batch_stats, key):
+        with jax.enable_x64(float64):
+            return [(_score.lower(params, masks, batch_stats), 1)]
+
+    return ScoreFn(score, counter, lowered)
