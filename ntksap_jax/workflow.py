@@ -22,17 +22,12 @@ import jax.numpy as jnp
 from ntksap_jax.masks import apply_masks, count_kept, count_total, density_report, init_masks, path_name
 from ntksap_jax.model import Model, as_model, forward_order
 from ntksap_jax.prune import prune
-from ntksap_jax.scores import get_scorer
+from ntksap_jax.scores import get_method
 
-__all__ = ["PrunedModel", "prune_model", "DEFAULT_ITERATIONS", "unit_norm_scales"]
+__all__ = ["PrunedModel", "prune_model", "unit_norm_scales"]
 
 PyTree = Any
 
-#: Pruning rounds by method when ``iterations`` is not given (the official scripts: NTK-SAP
-#: T = 20 on CIFAR-10, SynFlow and iterative SNIP 100; the others one-shot).
-DEFAULT_ITERATIONS = {"ntksap": 20, "synflow": 100, "iterative_snip": 100}
-
-_DATA_METHODS = ("snip", "iterative_snip", "grasp")
 
 
 class PrunedModel(NamedTuple):
@@ -110,6 +105,7 @@ def prune_model(
     off_path: str = "reallocate",
     schedule: str = "exponential",
     distribution: str = "global",
+    invert: bool = False,
     prunable: Callable | None = None,
     mesh=None,
     progress: Callable | None = None,
@@ -130,7 +126,9 @@ def prune_model(
       method: a registered scorer (:func:`ntksap_jax.list_scorers`).
       variables: ``{"params", "batch_stats"?}`` to prune (linen); default: initialise here
         (linen), or the module's own (NNX instance, ``apply_fn`` model).
-      iterations: pruning rounds; default :data:`DEFAULT_ITERATIONS` (else 1).
+      iterations: pruning rounds; default the method's ``default_iterations``
+        (:func:`ntksap_jax.scores.get_method`: NTK-SAP 20 as on CIFAR-10, SynFlow and iterative
+        SNIP 100, the others 1).
       samples, num_inputs: NTK-SAP's ``R`` (default 5) and Gaussian inputs per repeat
         (default ``10 × K``, ``K`` the number of outputs); ``num_inputs`` also sets the
         data-driven methods' batch.
@@ -150,7 +148,7 @@ def prune_model(
         mask keeps exactly ``round(density · N)`` weights and all of them matter;
         ``report["reallocated"]`` says how many moved. ``"keep"``: the official algorithm's
         mask as it comes out (:func:`ntksap_jax.prune`'s default; the warning counts them).
-      schedule, distribution, mesh, progress: as :func:`ntksap_jax.prune`.
+      schedule, distribution, invert, mesh, progress: as :func:`ntksap_jax.prune`.
       prunable: ``prunable(path, leaf) -> bool``; default the model's filter (linen/NNX:
         leaves named ``kernel`` with ``ndim > 1``; ``apply_fn``: every leaf with ``ndim > 1``).
       **scorer_kwargs: more options of the method's scorer (e.g. ``eps``, ``estimator``,
@@ -190,13 +188,14 @@ def prune_model(
         raise ValueError(f"{spec.name}: no prunable weights (the filter selected no leaf); pass prunable=")
     scoring_params, unit_scaled = (unit_norm_scales(spec, params) if zero_norm_scales == "one" else (params, []))
 
-    iterations = DEFAULT_ITERATIONS.get(method, 1) if iterations is None else iterations
-    config = _scorer_config(method, spec, scoring_params, state, shape, samples=samples, num_inputs=num_inputs,
+    m = get_method(method)
+    iterations = m.default_iterations if iterations is None else iterations
+    config = _scorer_config(m, spec, scoring_params, state, shape, samples=samples, num_inputs=num_inputs,
                             data=data, num_classes=num_classes, reinit=reinit, extra=scorer_kwargs)
-    score_fn = get_scorer(method)(spec, shape, **config)
+    score_fn = m.factory(spec, shape, **config)
     start = time.perf_counter()
     result = prune(score_fn, scoring_params, masks0, density=density, iterations=iterations, key=key,
-                   batch_stats=state, schedule=schedule, distribution=distribution, invert=False, progress=progress,
+                   batch_stats=state, schedule=schedule, distribution=distribution, invert=invert, progress=progress,
                    mesh=mesh, on_collapse=on_collapse, model=spec, input_shape=shape,
                    off_path=off_path if distribution == "global" else "keep")
     seconds = time.perf_counter() - start
@@ -233,21 +232,23 @@ def prune_model(
 
 
 def _scorer_config(method, spec, params, state, shape, *, samples, num_inputs, data, num_classes, reinit, extra):
+    """The scorer's options: what ``method`` declares it takes (:class:`ntksap_jax.scores.Method`)."""
     config = dict(extra)
-    if method == "ntksap":
-        k = _num_outputs(spec, params, state, shape)
+    given = {"samples": samples, "num_inputs": num_inputs, "data": data}
+    for name, value in given.items():
+        if value is not None and name not in method.options:
+            takes = [n for n in given if n in method.options]
+            raise ValueError(f"method {method.name!r} takes no {name} (it takes {', '.join(takes) or 'none of them'}: "
+                             f"see get_method({method.name!r}).options); got {name}={value!r}")
+    if "samples" in method.options:
         config.setdefault("samples", 5 if samples is None else samples)
+    if "num_inputs" in method.options and (num_inputs is not None or not method.needs_data):
+        k = _num_outputs(spec, params, state, shape)
         config.setdefault("num_inputs", 10 * k if num_inputs is None else num_inputs)
+    if "reinit" in method.options:
         config.setdefault("reinit", reinit)
-    elif method in _DATA_METHODS:
+    if method.needs_data:
         config["num_classes"] = num_classes if num_classes is not None else _num_outputs(spec, params, state, shape)
-        if num_inputs is not None:
-            config["num_inputs"] = num_inputs
         if data is not None:
             config["data"] = data
-    else:
-        for name, value in (("samples", samples), ("num_inputs", num_inputs), ("data", data)):
-            if value is not None:
-                raise ValueError(f"method {method!r} takes no {name} (only ntksap, and the data-driven "
-                                 f"snip, iterative_snip and grasp, do); got {name}={value!r}")
     return config

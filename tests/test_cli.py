@@ -23,7 +23,8 @@ BASE = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "magnitude
 @pytest.mark.parametrize("args,match", [
     (["--model", "resnet99", "--density", "0.1"], "unknown model 'resnet99'; choose one of mlp, lenet300, resnet20"),
     (["--method", "obd", "--density", "0.1"], "unknown method 'obd'; choose one of "),
-    (["--density", "0.1", "--distribution", "normal"], "unknown --distribution 'normal'; choose one of global, uniform, erk"),
+    (["--density", "0.1", "--distribution", "normal"],
+     "unknown --distribution 'normal'; choose one of global, uniform, erk"),
     (["--density", "0.1", "--float64"], "--float64 applies to --method synflow only"),
     (["--dataset", "svhn", "--density", "0.1"], "unknown dataset 'svhn'"),
     (["--density", "0"], r"--density must be in (0, 1]; got 0.0"),
@@ -116,7 +117,9 @@ def test_ntksap_run_writes_masks_and_report(tmp_path):
     import jax.numpy as jnp
     from ntksap_jax import count_kept, get_model, load_masks
 
-    params = jax.eval_shape(lambda: get_model("resnet20", 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    params = jax.eval_shape(
+        lambda: get_model("resnet20", 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )["params"]
     assert count_kept(load_masks(out / "masks.npz", params)) == report["total_kept"]
 
 
@@ -138,7 +141,8 @@ def test_every_method_runs_from_the_cli(tmp_path, capsys, method):
 
 
 def test_sanity_flags_are_applied_and_recorded(tmp_path, capsys):
-    base = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "magnitude", "--density", "0.3", "--no-progress"]
+    base = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "magnitude", "--density", "0.3",
+            "--no-progress"]
     reports, masks = {}, {}
     for name, flags in {"plain": [], "shuffle": ["--shuffle"], "invert": ["--invert"], "reinit": ["--reinit"],
                         "erk": ["--distribution", "erk"]}.items():
@@ -181,7 +185,8 @@ def test_dry_run_prints_the_resolved_plan_and_touches_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["train", "--preset", "mlp-digits", "--masks", "missing/masks.npz"], "mask file 'missing/masks.npz' does not exist"),
+    (["train", "--preset", "mlp-digits", "--masks", "missing/masks.npz"],
+     "mask file 'missing/masks.npz' does not exist"),
     (["train", "--preset", "nope"], "unknown preset"),
     (["run", "--preset", "mlp-digits", "--density", "2"], "--density must be in (0, 1]"),
     (["run", "--preset", "mlp-digits", "--density", "0.1", "--process-id", "1"], "need --distributed"),
@@ -197,3 +202,16 @@ def test_dry_run_refuses_a_non_empty_out(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
     code, out, err = run_cli(["train", "--preset", "mlp-digits", "--out", str(tmp_path), "--dry-run"], capsys)
     assert code == 2 and "exists and is not empty" in err
+
+
+@pytest.mark.parametrize("dataset,stem", [("imagenet2012", "imagenet"), ("imagenet", "imagenet"),
+                                          ("tiny_imagenet", "cifar"), ("cifar10", "cifar")])
+def test_resnet50_gets_the_stem_of_its_data(tmp_path, capsys, dataset, stem):
+    """ImageNet-sized data (the loadable `imagenet2012` as well as its shape alias `imagenet`) gets the
+    ImageNet stem (7x7 stride-2 conv + max pool); the 32- and 64-pixel sets the CIFAR stem."""
+    code, out, err = run_cli(["prune", "--model", "resnet50", "--dataset", dataset, "--density", "0.1",
+                              "--out", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["config"]["model_kwargs"] == {"stem": stem}, plan["config"]
+    assert plan["config"]["input_shape"] == ([224, 224, 3] if stem == "imagenet" else plan["config"]["input_shape"])
