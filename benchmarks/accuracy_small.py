@@ -2,7 +2,7 @@
 
 For each method (NTK-SAP, SynFlow, SNIP, GraSP, magnitude, random), density ``0.8^k`` and seed,
 the network of the data set's preset (``mlp-digits``, ``lenet300-mnist5k``) is initialised with
-:func:`ntksap_jax.train.init_model`, pruned from that init with the prune key it returns, and the
+:func:`ntksap_jax.steps.init_model`, pruned from that init with the prune key it returns, and the
 masked init is trained with the preset's settings. The dense network is trained once per seed as
 the reference. Writes, per data set, to ``--out-dir``:
 
@@ -172,7 +172,8 @@ def format_table(record: dict) -> str:
     lines.append(
         f"Machine: {env['machine']}; jax {env['jax']} ({env['backend']}). "
         f"Wall time {record['wall_seconds'] / 60:.1f} min for {len(record['runs'])} pruned + "
-        f"{len(record['dense'])} dense runs{'' if record.get('complete') else ' (INCOMPLETE: run still going or stopped)'}. "
+        f"{len(record['dense'])} dense runs"
+        f"{'' if record.get('complete') else ' (INCOMPLETE: run still going or stopped)'}. "
         f"Every pruned weight exactly 0 after training: {'yes' if zero else 'NO'}."
     )
     return "\n".join(lines) + "\n"
@@ -273,7 +274,8 @@ def run_dataset(dataset_name: str, args) -> str:
     from ntksap_jax.presets import get_preset
     from ntksap_jax.prune import prune
     from ntksap_jax.scores import get_scorer
-    from ntksap_jax.train import init_model, pruned_weights_are_zero, train
+    from ntksap_jax.steps import init_model, pruned_weights_are_zero
+    from ntksap_jax.train import train
 
     preset = get_preset(PRESET_BY_DATASET[dataset_name])
     model = preset.build_model()
@@ -314,7 +316,7 @@ def run_dataset(dataset_name: str, args) -> str:
                                 "train_loss": last["train_loss"], "train_seconds": secs})
         log(f"[{dataset_name}] dense     seed={seed} acc={last['test_top1']:.2%} train={secs:.1f}s")
     record["wall_seconds"] = time.perf_counter() - start
-    table = write_outputs(record, args.out_dir)
+    write_outputs(record, args.out_dir)
 
     for method in args.methods:
         t_build = time.perf_counter()
@@ -337,7 +339,7 @@ def run_dataset(dataset_name: str, args) -> str:
             else:
                 base = factory(model, preset.input_shape)
 
-        def scorer_for(seed):
+        def scorer_for(seed, method=method, base=base, data=data, factory=factory):
             if method not in DATA_METHODS or seed == args.seeds[0]:
                 return base
             x, y = data[seed]
@@ -346,7 +348,8 @@ def run_dataset(dataset_name: str, args) -> str:
                 return factory(model, preset.input_shape, num_classes=preset.num_classes, data=(x, y),
                                num_inputs=prune_batch)
             # the same compiled function, fed this seed's batch (same shapes: no re-trace)
-            return lambda params, masks, batch_stats, key: jitted(params, masks, batch_stats, key, x, y)
+            # noqa reason: ruff false positive, `masks` here is the lambda's own parameter, not the loop's
+            return lambda params, masks, batch_stats, key: jitted(params, masks, batch_stats, key, x, y)  # noqa: B023
 
         log(f"[{dataset_name}] {method}: scorer built in {time.perf_counter() - t_build:.1f}s")
         for seed in args.seeds:
@@ -383,7 +386,7 @@ def run_dataset(dataset_name: str, args) -> str:
                 if not zero:
                     raise RuntimeError(f"{method} k={k} seed={seed}: a pruned weight is nonzero after training")
         record["wall_seconds"] = time.perf_counter() - start
-        table = write_outputs(record, args.out_dir)
+        write_outputs(record, args.out_dir)
     record["complete"] = True
     record["wall_seconds"] = time.perf_counter() - start
     return write_outputs(record, args.out_dir)

@@ -4,14 +4,14 @@ For each seed, ResNet-20 (CIFAR-10 shapes) is initialised and pruned with NTK-SA
 as ``ntksap-jax prune --seed S`` does (``init_key, prune_key = split(key(S))``, density 0.1
 by default, T rounds of the exponential schedule, R weight samples of 100 Gaussian inputs,
 finite differences at eps = 0.01). The random baseline is the CLI's ``--shuffle`` mask:
-:func:`ntksap_jax.shuffle_masks` with key ``fold_in(prune_key, 7919)``, i.e. NTK-SAP's
+:func:`ntksap_jax.sanity.shuffle_masks` with key ``fold_in(prune_key, 7919)``, i.e. NTK-SAP's
 per-layer kept counts with the kept positions drawn uniformly within each layer.
 
 For a network ``m`` (dense, NTK-SAP, random) and weights ``θ`` the kept trace is
 ``tr Θ_m(x, x) / tr Θ_dense(x, x)`` on one fixed Gaussian batch ``x`` (``--batch`` inputs),
 with BatchNorm statistics calibrated for each network on ``x`` (as NTK-SAP's scorer does)
 and then fixed, so the kernel is the per-example NTK of the eval-mode network
-(:func:`ntksap_jax.analysis.masked_apply_fn`). Two weight settings:
+(:func:`ntksap_jax.model.masked_apply_fn`). Two weight settings:
 
 * "draws": the mean of the ratio over ``--draws`` fresh kaiming-normal kernels
   (``kaiming_normal_reinit(fold_in(trace_key, 1 + w), θ₀, masks)``) — weight-agnostic,
@@ -76,7 +76,7 @@ def make_trace_fns(model, batch_stats, all_params: bool):
     import jax
 
     from ntksap_jax import ntk_trace
-    from ntksap_jax.analysis import calibrated_batch_stats, masked_apply_fn
+    from ntksap_jax.model import calibrated_batch_stats, masked_apply_fn
 
     @jax.jit
     def stats_fn(theta, masks, x):
@@ -85,7 +85,8 @@ def make_trace_fns(model, batch_stats, all_params: bool):
     @jax.jit
     def one(theta, masks, stats, x1):
         f = masked_apply_fn(model, masks, stats)
-        out = {"kernels": ntk_trace(lambda k, xb: f(merge_kernels(theta, masks, k), xb), split_kernels(theta, masks), x1)}
+        out = {"kernels": ntk_trace(lambda k, xb: f(merge_kernels(theta, masks, k), xb),
+                                    split_kernels(theta, masks), x1)}
         if all_params:
             out["all"] = ntk_trace(f, theta, x1)
         return out
@@ -105,7 +106,8 @@ def run_seed(args, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ntksap_jax import count_kept, get_model, init_masks, ntksap_scorer, prune, shuffle_masks
+    from ntksap_jax import count_kept, get_model, init_masks, ntksap_scorer, prune
+    from ntksap_jax.sanity import shuffle_masks
     from ntksap_jax.masks import collapsed_layers, load_masks, save_masks
     from ntksap_jax.scores.ntksap import kaiming_normal_reinit
 

@@ -25,8 +25,8 @@ for the per-example loop, the one-example executable), the trace's relative
 difference from ``ours``, and the ratios theirs / ours of run time and peak memory, measured in
 this one run. ``--rss`` adds the peak resident set size of a fresh subprocess per row (slow).
 
-    python benchmarks/ntk_trace.py                                # MLP and ResNet-20, default batches (~5-8 min, 2 cores)
-    python benchmarks/ntk_trace.py --models mlp --batches 8 32    # one model, chosen batches
+    python benchmarks/ntk_trace.py                              # MLP and ResNet-20, default batches (~5-8 min, 2 cores)
+    python benchmarks/ntk_trace.py --models mlp --batches 8 32  # one model, chosen batches
     python benchmarks/ntk_trace.py --json /tmp/ntk_trace.json --rss
 
 Timings are of this machine in this run; compare ratios measured in one run.
@@ -61,7 +61,7 @@ def setup(model_name: str, n: int, seed: int = 0):
     import jax.numpy as jnp
 
     from ntksap_jax import get_model
-    from ntksap_jax.analysis import calibrated_batch_stats, masked_apply_fn
+    from ntksap_jax.model import calibrated_batch_stats, masked_apply_fn
 
     model = get_model(model_name, 10)
     shape = SHAPES[model_name]
@@ -70,7 +70,9 @@ def setup(model_name: str, n: int, seed: int = 0):
         jax.random.fold_in(key, 0))
     params = variables["params"]
     x = jax.random.normal(jax.random.fold_in(key, 1), (n, *shape), jnp.float32)
-    stats = jax.jit(lambda p, s, xb: calibrated_batch_stats(model, p, None, s, xb))(params, variables.get("batch_stats"), x)
+    stats = jax.jit(lambda p, s, xb: calibrated_batch_stats(model, p, None, s, xb))(
+        params, variables.get("batch_stats"), x
+    )
     return masked_apply_fn(model, None, stats), params, x, 10
 
 
@@ -82,7 +84,7 @@ def make_fn(method: str, f, k: int):
 
     if method in ("ours", "ours_per_example"):
         return lambda p, x: ntk_trace(f, p, x)
-    from ntksap_jax._compat import import_neural_tangents
+    from ntksap_jax.validate import import_neural_tangents
 
     nt = import_neural_tangents()
     impl = nt.NtkImplementation.JACOBIAN_CONTRACTION if "_jc_" in method else nt.NtkImplementation.NTK_VECTOR_PRODUCTS
@@ -145,7 +147,8 @@ def _peak_rss_gb() -> float:
 
 
 def table(rows: list, rss: bool) -> str:
-    head = "| model | N | method | compile s | run s (median) | peak MB | rel. diff vs ours | time theirs/ours | memory theirs/ours |"
+    head = ("| model | N | method | compile s | run s (median) | peak MB | rel. diff vs ours | time theirs/ours "
+            "| memory theirs/ours |")
     sep = "|---|---|---|---|---|---|---|---|---|"
     if rss:
         head += " peak RSS GB (after set-up) |"
@@ -153,7 +156,8 @@ def table(rows: list, rss: bool) -> str:
     lines = [head, sep]
     for r in rows:
         line = (f"| {r['model']} | {r['n']} | {METHODS[r['method']]} | {r['compile_s']:.1f} | {r['run_s']:.4f} | "
-                f"{r['peak_bytes'] / 2**20:.1f} | {r['rel_diff']:.1e} | {r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
+                f"{r['peak_bytes'] / 2**20:.1f} | {r['rel_diff']:.1e} | {r['time_ratio']:.2f} | "
+                f"{r['memory_ratio']:.2f} |")
         if rss:
             line += f" {r['peak_rss_gb']:.2f} ({r['baseline_rss_gb']:.2f}) |"
         lines.append(line)

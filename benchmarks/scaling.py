@@ -42,9 +42,11 @@ def run_child(n: int, resnet20_rounds: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ntksap_jax import get_model, get_preset, make_mesh, ntksap_scorer, prune, train
+    from ntksap_jax import get_model, ntksap_scorer, prune, train
+    from ntksap_jax.presets import get_preset
+    from ntksap_jax.parallel import make_mesh
     from ntksap_jax.data import load
-    from ntksap_jax.train import init_model
+    from ntksap_jax.steps import init_model
 
     mesh = None if n == 1 else make_mesh(n)
     out = {"devices": n, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
@@ -67,7 +69,8 @@ def run_child(n: int, resnet20_rounds: int) -> dict:
     epochs = []
     res = train(model, variables, result.masks, data, mesh=mesh, callback=lambda row: epochs.append(row), **kw)
     out["mlp_train_epoch"] = {"first_epoch_s": epochs[0]["seconds"], "epoch_s": epochs[1]["seconds"],
-                              "steps": data.steps_per_epoch(kw["batch_size"]), "test_top1": res.history[-1]["test_top1"]}
+                              "steps": data.steps_per_epoch(kw["batch_size"]),
+                              "test_top1": res.history[-1]["test_top1"]}
 
     if resnet20_rounds > 0:
         model = get_model("resnet20", 10)

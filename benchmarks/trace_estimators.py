@@ -60,7 +60,6 @@ def model_setup(name: str, shape, mlp_features):
 def random_masks(key, params, density: float):
     """Bernoulli(density) masks on the prunable leaves (all ones for density 1)."""
     import jax
-    import jax.numpy as jnp
 
     from ntksap_jax import init_masks
     from ntksap_jax.ntk import gaussian_like
@@ -110,8 +109,6 @@ def run_probes(probe, key, n: int, chunk: int, *operands):
 
 
 def stats_vs_exact(samples, eps, trace):
-    import numpy as np
-
     ref = eps**2 * trace
     return float(samples.mean() / ref - 1), float(samples.std(ddof=1) / math.sqrt(samples.size) / ref)
 
@@ -129,7 +126,7 @@ def measure(args, name: str, dtype_name: str) -> list[dict]:
     import numpy as np
 
     from ntksap_jax import apply_masks
-    from ntksap_jax.analysis import calibrated_batch_stats, masked_apply_fn
+    from ntksap_jax.model import calibrated_batch_stats, masked_apply_fn
     from ntksap_jax.ntk import gaussian_like
     from ntksap_jax.scores.ntksap import bn_statistics, ntksap_objective, ntksap_sample_draws
 
@@ -191,7 +188,9 @@ def measure(args, name: str, dtype_name: str) -> list[dict]:
             return jnp.stack(vals)
 
         t0 = time.perf_counter()
-        drawn = run_probes(draw_probe, jax.random.fold_in(key, 4), n_probes, chunk, params, masks, batch_stats).astype(np.float64)
+        drawn = run_probes(
+            draw_probe, jax.random.fold_in(key, 4), n_probes, chunk, params, masks, batch_stats
+        ).astype(np.float64)
         draw_seconds = time.perf_counter() - t0
         jvp_unit = drawn[:, -1] / EPS_JVP**2
         for j, eps in enumerate(eps_fd):
@@ -209,11 +208,14 @@ def _pm(b, se) -> str:
 
 
 def table(rows: list) -> str:
-    lines = ["| model | weights | estimator | ε | dtype | probes | bias vs exact ε² tr Θ ± s.e. | bias vs jvp (paired) ± s.e. |",
+    lines = ["| model | weights | estimator | ε | dtype | probes | bias vs exact ε² tr Θ ± s.e. "
+             "| bias vs jvp (paired) ± s.e. |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['weights']} | {r['estimator']} | {r['eps']:g} | {r['dtype']} | {r['probes']} | "
-                     f"{_pm(r.get('bias_vs_exact'), r.get('se_vs_exact'))} | {_pm(r.get('bias_vs_jvp'), r.get('se_vs_jvp'))} |")
+        lines.append(f"| {r['model']} | {r['weights']} | {r['estimator']} | {r['eps']:g} | {r['dtype']} "
+                     f"| {r['probes']} | "
+                     f"{_pm(r.get('bias_vs_exact'), r.get('se_vs_exact'))} "
+                     f"| {_pm(r.get('bias_vs_jvp'), r.get('se_vs_jvp'))} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ executables are XLA's own output for the same program, so no result depends on i
 Two workers (pytest-xdist, ``-n 2 --dist loadgroup``, set in ``pyproject.toml``): a module whose
 tests share a module-scoped fixture runs on one worker (``pytest_xdist_make_scheduler`` below);
 the tests of every other module are scheduled one by one. Units run longest first (``SLOW_TESTS``
-below gives the slow tests' costs on 2 cores and marks them ``slow``; a unit's cost is the sum over its tests), so the two workers finish together.
+below gives the slow tests' costs on 2 cores and marks them ``slow``; a unit's cost is the sum over its
+tests), so the two workers finish together.
 ``-n 0`` runs everything in one process, in the same order.
 """
 

@@ -213,7 +213,7 @@ def linen_params_from_equinox(params) -> dict:
 def stax_cnn(key, input_shape=(8, 8, 1), num_classes=10):
     """A neural-tangents ``stax`` CNN: conv 3x3 (8) - relu - conv 3x3 (8) - relu - flatten - dense.
     Returns ``(apply_fn, params)``; ``apply_fn(params, x)`` gives ``(N, num_classes)``."""
-    from ntksap_jax import import_neural_tangents
+    from ntksap_jax.validate import import_neural_tangents
 
     stax = import_neural_tangents().stax
     init_fn, apply_fn, _ = stax.serial(

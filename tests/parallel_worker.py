@@ -16,24 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntksap_jax import (
-    get_model,
-    init_masks,
-    make_mesh,
-    ntksap_scorer,
-    param_shardings,
-    place,
-    prune,
-    pruned_weights_are_zero,
-    replicated,
-    shard_batch,
-    train,
-)
+from ntksap_jax import get_model, init_masks, ntksap_scorer, prune, train
+from ntksap_jax.parallel import make_mesh, place, replicated, shard_batch
+from ntksap_jax.steps import pruned_weights_are_zero
 from ntksap_jax.data import DatasetInfo, _ArrayDataset, load
 from ntksap_jax.model import as_model
 from ntksap_jax.scores.ntksap import make_reinit, ntksap_sample_draws
 from ntksap_jax.scores import snip_scorer
-from ntksap_jax.train import create_train_state, evaluate, sgd, shard_state, train_step
+from ntksap_jax.optim import sgd
+from ntksap_jax.steps import create_train_state, evaluate, shard_state, train_step
 
 
 def leaves(tree):
@@ -50,7 +41,8 @@ def masks_report(one, many):
     differ = sum(int(np.sum(x != y)) for x, y in zip(a, b))
     # every device holds the same mask: each addressable shard of a replicated mask is the whole mask
     same_everywhere = all(
-        m.sharding.is_fully_replicated and all(np.array_equal(np.asarray(s.data), np.asarray(m)) for s in m.addressable_shards)
+        m.sharding.is_fully_replicated
+        and all(np.array_equal(np.asarray(s.data), np.asarray(m)) for s in m.addressable_shards)
         for m in jax.tree.leaves(many)
     )
     return {"differ": differ, "total": int(sum(x.size for x in a)), "same_on_every_device": bool(same_everywhere)}
@@ -100,7 +92,8 @@ def scores(out, mesh):
             base = handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32)
             out[f"{name}/finite_difference/float32/handwritten"] = rel_err(base, one32)
             out[f"{name}/finite_difference/float32/ulp_sensitivity"] = max(
-                rel_err(base, handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32, perturb=jax.random.key(100 + k)))
+                rel_err(base, handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32,
+                                                 perturb=jax.random.key(100 + k)))
                 for k in range(3))
             out[f"{name}/finite_difference/float32/own_error"] = rel_err(
                 handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float64), one32)
@@ -160,8 +153,9 @@ def handwritten_scores(model, shape, p, m0, bs, *, dtype, perturb=None, samples=
         for theta, x, z in draws:
             g = grad(m, cast(theta), jnp.asarray(x, dtype), cast(z))
             total = g if total is None else jax.tree.map(jnp.add, total, g)
-        return jax.tree.map(lambda mm, g: None if mm is None else np.abs(np.asarray(g, np.float64)) * (np.asarray(mm) != 0),
-                            m, total, is_leaf=lambda a: a is None)
+        return jax.tree.map(
+            lambda mm, g: None if mm is None else np.abs(np.asarray(g, np.float64)) * (np.asarray(mm) != 0),
+            m, total, is_leaf=lambda a: a is None)
 
 
 def vmap_loop(out, mesh):
@@ -230,7 +224,9 @@ def training(out, mesh, mesh_mp):
             out[f"{name}/train/ulp{seed}/params"] = rel_err(r1.state.params, r.state.params)
             if bs:
                 out[f"{name}/train/ulp{seed}/batch_stats"] = rel_err(r1.state.batch_stats, r.state.batch_stats)
-            out[f"{name}/train/ulp{seed}/rows"] = {k: [r1.history[-1][k], r.history[-1][k]] for k in ("train_loss", "test_loss")}
+            out[f"{name}/train/ulp{seed}/rows"] = {
+                k: [r1.history[-1][k], r.history[-1][k]] for k in ("train_loss", "test_loss")
+            }
         for label, r in (("data", r8), ("model_parallel", mp)):
             out[f"{name}/train/{label}/params"] = rel_err(r1.state.params, r.state.params)
             if bs:  # BatchNorm running statistics over the global batch
@@ -241,9 +237,12 @@ def training(out, mesh, mesh_mp):
             out[f"{name}/train/{label}/pruned_zero"] = pruned_weights_are_zero(r.state.params, masks)
         out[f"{name}/train/data/param_sharding"] = str(jax.tree.leaves(r8.state.params)[0].sharding.spec)
         out[f"{name}/train/model_parallel/specs"] = {
-            jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in jax.tree_util.tree_flatten_with_path(mp.state.params)[0]
+            jax.tree_util.keystr(k): str(v.sharding.spec)
+            for k, v in jax.tree_util.tree_flatten_with_path(mp.state.params)[0]
         }
-        out[f"{name}/train/model_parallel/eval"] = [evaluate(r1.state, data, 16), evaluate(mp.state, data, 16, mesh=mesh_mp)]
+        out[f"{name}/train/model_parallel/eval"] = [
+            evaluate(r1.state, data, 16), evaluate(mp.state, data, 16, mesh=mesh_mp)
+        ]
     # float64, the arbiter: three steps of ResNet-20 on each mesh agree with one device to float64 rounding
     model, p, bs = setup("resnet20", (32, 32, 3))
     batch = next(iter(synthetic().train_batches(16, seed=0, epoch=0)))
@@ -315,7 +314,9 @@ def main():
     mesh_mp = make_mesh(8, model_parallel=2)
     import time
 
-    parts = [p for p in (scores, vmap_loop, training, errors, cli) if os.environ.get("PARTS", p.__name__).count(p.__name__)]
+    parts = [
+        p for p in (scores, vmap_loop, training, errors, cli) if os.environ.get("PARTS", p.__name__).count(p.__name__)
+    ]
     for part in parts:
         t0 = time.perf_counter()
         if part is training:

@@ -26,7 +26,7 @@ def test_run_prunes_then_trains_pruned_and_dense(tmp_path, capsys):
     for label in ("dense", "magnitude pruned"):
         assert 0.5 < summary["results"][label]["test_top1"] <= 1.0
     for sub in ("dense", "pruned"):
-        rows = [json.loads(l) for l in (out / sub / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / sub / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2, 3]
         assert rows[-1]["test_count"] == 360  # every test image, once
     # The pruned network was trained from the init the mask was pruned on: magnitude keeps the largest

@@ -60,8 +60,14 @@ def test_value_and_derivatives_match_lax_float64(x64, n, h, w, c, o, k, s, pad):
 def test_vmap_and_unsupported_layouts_fall_back(x64):
     x = jax.random.normal(jax.random.key(1), (4, 2, 6, 6, 4), jnp.float64)
     kernel = jax.random.normal(jax.random.key(2), (3, 3, 4, 4), jnp.float64)
-    grad_ref = jax.vmap(jax.grad(lambda w, x: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2)), (None, 0))
-    grad_ours = jax.vmap(jax.grad(lambda w, x: jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2)), (None, 0))
+    grad_ref = jax.vmap(
+        jax.grad(lambda w, x: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2)),
+        (None, 0),
+    )
+    grad_ours = jax.vmap(
+        jax.grad(lambda w, x: jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2)),
+        (None, 0),
+    )
     assert _rel(grad_ref(kernel, x), grad_ours(kernel, x)) < 1e-13
     # dilation, feature groups and NCHW layouts take lax's own path: identical values and gradients
     x2 = x[0]
@@ -71,8 +77,10 @@ def test_vmap_and_unsupported_layouts_fall_back(x64):
         (dict(dimension_numbers=("NCHW", "OIHW", "NCHW")), jnp.transpose(kernel, (3, 2, 0, 1))),
     ]:
         inp = jnp.transpose(x2, (0, 3, 1, 2)) if kwargs["dimension_numbers"][0] == "NCHW" else x2
-        f_ref = lambda w: jnp.sum(lax.conv_general_dilated(inp, w, (1, 1), "SAME", **kwargs) ** 2)  # noqa: E731
-        f_ours = lambda w: jnp.sum(conv_general_dilated(inp, w, (1, 1), "SAME", **kwargs) ** 2)  # noqa: E731
+        f_ref = lambda w, inp=inp, kwargs=kwargs: jnp.sum(  # noqa: E731
+            lax.conv_general_dilated(inp, w, (1, 1), "SAME", **kwargs) ** 2
+        )
+        f_ours = lambda w, inp=inp, kwargs=kwargs: jnp.sum(conv_general_dilated(inp, w, (1, 1), "SAME", **kwargs) ** 2)  # noqa: E731
         np.testing.assert_array_equal(jax.grad(f_ref)(kern), jax.grad(f_ours)(kern))
 
 

@@ -29,15 +29,21 @@ import pytest
 
 from conftest import official_name_to_ours
 
-from ntksap_jax import density_report, get_model, magnitude_scorer, prune
+from ntksap_jax import density_report, get_model, prune
+from ntksap_jax.scores import magnitude_scorer
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "ntksap_official_resnet20_density.json")
 
 
 def reference_means():
     ref = json.load(open(REFERENCE))
-    runs = [{l["layer"]: l["kept_fraction"] for l in ref["layers"]}] + list(ref["alt_runs_kept_fraction"].values())
-    return {official_name_to_ours(l["layer"]): float(np.mean([r[l["layer"]] for r in runs])) for l in ref["layers"]}, ref
+    runs = [{entry["layer"]: entry["kept_fraction"] for entry in ref["layers"]}] + list(
+        ref["alt_runs_kept_fraction"].values()
+    )
+    return {
+        official_name_to_ours(entry["layer"]): float(np.mean([r[entry["layer"]] for r in runs]))
+        for entry in ref["layers"]
+    }, ref
 
 
 def log_ratios(masks, means):

@@ -29,8 +29,10 @@ def _repository_url() -> str:
 
 
 def _install_cell(repo: str) -> str:
-    return f'''# Install ntksap_jax: on Colab from the repository (about a minute); locally the README's set-up already did.
-import importlib, importlib.util, subprocess, sys
+    return (
+        "# Install ntksap_jax: on Colab from the repository (about a minute); "
+        "locally the README's set-up already did.\n"
+        f'''import importlib, importlib.util, subprocess, sys
 
 REPO = "{repo}"
 if importlib.util.find_spec("ntksap_jax") is None:
@@ -39,6 +41,7 @@ if importlib.util.find_spec("ntksap_jax") is None:
                                   "(python3 -m venv .venv && .venv/bin/pip install -e '.[dev]') and use that Python")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"ntksap-jax[notebooks] @ git+{{REPO}}"], check=True)
     importlib.invalidate_caches()'''
+    )
 
 
 def test_the_four_notebooks_exist():

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import official_bn_stats, to_f64
-from ntksap_jax import apply_masks, count_total, get_model, init_masks, ntksap_objective, ntksap_scorer, prune
+from ntksap_jax import apply_masks, get_model, init_masks, ntksap_scorer, prune
+from ntksap_jax.masks import count_total
+from ntksap_jax.scores import ntksap_objective
 from ntksap_jax.models import LotteryResNet
 from ntksap_jax.scores import (
     apply_with_batch_statistics,
@@ -30,7 +32,8 @@ def tiny_apply(p, x):
 def tiny_case(dtype=jnp.float64):
     r = np.random.default_rng(0)
     params = {
-        "l1": {"kernel": jnp.asarray(r.normal(size=(6, 7)) / 2, dtype), "bias": jnp.asarray(r.normal(size=7) / 5, dtype)},
+        "l1": {"kernel": jnp.asarray(r.normal(size=(6, 7)) / 2, dtype),
+               "bias": jnp.asarray(r.normal(size=7) / 5, dtype)},
         "l2": {"kernel": jnp.asarray(r.normal(size=(7, 3)) / 2, dtype)},
     }
     # A non-binary mask point so that no derivative vanishes by accident.
@@ -50,7 +53,8 @@ def hand_objective_fd(m, params, z, x, eps):
     """Σ_batch ‖f(θ⊙m) − f((θ+εz)⊙m)‖², written out by hand."""
     a = {"l1": {"kernel": params["l1"]["kernel"] * m["l1"]["kernel"], "bias": params["l1"]["bias"]},
          "l2": {"kernel": params["l2"]["kernel"] * m["l2"]["kernel"]}}
-    b = {"l1": {"kernel": (params["l1"]["kernel"] + eps * z["l1"]["kernel"]) * m["l1"]["kernel"], "bias": params["l1"]["bias"]},
+    b = {"l1": {"kernel": (params["l1"]["kernel"] + eps * z["l1"]["kernel"]) * m["l1"]["kernel"],
+                "bias": params["l1"]["bias"]},
          "l2": {"kernel": (params["l2"]["kernel"] + eps * z["l2"]["kernel"]) * m["l2"]["kernel"]}}
     d = tiny_apply(a, x) - tiny_apply(b, x)
     return jnp.sum(d * d)
@@ -60,8 +64,10 @@ def hand_objective_jvp(m, params, z, x, eps):
     """‖J(θ⊙m)(εz⊙m)‖² with J from jax.jacobian (a full Jacobian, not a jvp)."""
     a = {"l1": {"kernel": params["l1"]["kernel"] * m["l1"]["kernel"], "bias": params["l1"]["bias"]},
          "l2": {"kernel": params["l2"]["kernel"] * m["l2"]["kernel"]}}
-    jac = jax.jacobian(lambda k1, k2: tiny_apply({"l1": {"kernel": k1, "bias": a["l1"]["bias"]}, "l2": {"kernel": k2}}, x),
-                       argnums=(0, 1))(a["l1"]["kernel"], a["l2"]["kernel"])
+    jac = jax.jacobian(
+        lambda k1, k2: tiny_apply({"l1": {"kernel": k1, "bias": a["l1"]["bias"]}, "l2": {"kernel": k2}}, x),
+        argnums=(0, 1),
+    )(a["l1"]["kernel"], a["l2"]["kernel"])
     t1, t2 = eps * z["l1"]["kernel"] * m["l1"]["kernel"], eps * z["l2"]["kernel"] * m["l2"]["kernel"]
     jv = jnp.einsum("nkij,ij->nk", jac[0], t1) + jnp.einsum("nkij,ij->nk", jac[1], t2)
     return jnp.sum(jv * jv)
@@ -133,15 +139,21 @@ def test_sample_gradient_freezes_bn_statistics_float64(x64, small_resnet):
     def objective(m, frozen):
         masked = apply_masks(theta, m)
         if frozen is None:  # statistics recomputed from this m (what the official code does NOT differentiate)
-            _, st = model.clone(bn_momentum=0.0).apply({"params": masked, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+            _, st = model.clone(bn_momentum=0.0).apply(
+                {"params": masked, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
             frozen = st["batch_stats"]
-        moved = jax.tree.map(lambda mm, p, zz: p if mm is None else (p + eps * zz) * mm, m, theta, z, is_leaf=lambda t: t is None)
+        moved = jax.tree.map(
+            lambda mm, p, zz: p if mm is None else (p + eps * zz) * mm, m, theta, z, is_leaf=lambda t: t is None
+        )
         f = lambda p: model.apply({"params": p, "batch_stats": frozen}, x, train=False)  # noqa: E731
         d = f(masked) - f(moved)
         return jnp.sum(d * d)
 
     # Statistics of the unperturbed masked net at the base point, by hand: the first BN sees the stem conv output.
-    stem = jax.lax.conv_general_dilated(x, theta["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    stem = jax.lax.conv_general_dilated(
+        x, theta["conv"]["kernel"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     stats = bn_statistics(model, apply_masks(theta, masks), batch_stats, x)
     np.testing.assert_allclose(stats["bn"]["mean"], stem.mean(axis=(0, 1, 2)), rtol=1e-10, atol=1e-12)
     # the official code normalises with PyTorch's running_var after a momentum-1.0 pass: the
@@ -203,7 +215,9 @@ def test_one_pass_statistics_equal_the_separate_train_mode_pass_float64(x64, sma
         return ntksap_objective(apply_fn, theta, m, z, x, estimator=estimator)
 
     want = jax.jit(jax.grad(reference))(masks)
-    got = jax.jit(lambda m: ntksap_sample_gradient(model, params, m, batch_stats, key, (6, 8, 8, 3), estimator=estimator))(masks)
+    got = jax.jit(
+        lambda m: ntksap_sample_gradient(model, params, m, batch_stats, key, (6, 8, 8, 3), estimator=estimator)
+    )(masks)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(a))))
 
@@ -236,7 +250,9 @@ def test_draws_are_fresh_kaiming_weights_and_gaussian_inputs():
     assert not np.allclose(theta2["dense_0"]["kernel"], k) and not np.allclose(x2, x)
     # Reinit ignores the weights it is given: weight-agnostic.
     again = kaiming_normal_reinit(jax.random.key(7), jax.tree.map(lambda a: a * 100, params), masks)
-    np.testing.assert_array_equal(again["fc"]["kernel"], kaiming_normal_reinit(jax.random.key(7), params, masks)["fc"]["kernel"])
+    np.testing.assert_array_equal(
+        again["fc"]["kernel"], kaiming_normal_reinit(jax.random.key(7), params, masks)["fc"]["kernel"]
+    )
 
 
 def test_scores_are_abs_of_summed_gradients_zero_on_pruned(small_resnet):
@@ -269,8 +285,10 @@ def test_batches_split_like_the_official_data_loader(small_resnet):
     key = jax.random.key(4)
     # 10 inputs in batches of 4: weight samples of 4, 4 and 2 inputs.
     s = ntksap_scorer(model, (8, 8, 3), samples=1, num_inputs=10, batch_size=4)(params, masks, batch_stats, key)
-    grad = jax.jit(lambda k, n: ntksap_sample_gradient(model, params, masks, batch_stats, k, (n, 8, 8, 3))["fc"]["kernel"],
-                   static_argnums=1)
+    grad = jax.jit(
+        lambda k, n: ntksap_sample_gradient(model, params, masks, batch_stats, k, (n, 8, 8, 3))["fc"]["kernel"],
+        static_argnums=1,
+    )
     g = [grad(jax.random.fold_in(jax.random.fold_in(key, 0), b), n) for b, n in enumerate([4, 4, 2])]
     want = jnp.abs(g[0] + g[1] + g[2])
     np.testing.assert_allclose(s["fc"]["kernel"], want, rtol=1e-3, atol=1e-5 * float(want.max()))

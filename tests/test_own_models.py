@@ -33,23 +33,13 @@ from own_models import (
     stax_cnn,
 )
 from ntksap_jax import (
-    DegenerateMaskError,
-    apply_masks,
-    as_model,
-    from_apply_fn,
-    from_linen,
-    from_nnx,
-    import_neural_tangents,
-    init_masks,
-    magnitude_scorer,
-    masked,
-    ntk_spectrum,
-    ntksap_scorer,
-    path_report,
-    prune,
-    prune_model,
-    synflow_scorer,
+    DegenerateMaskError, apply_masks, as_model, from_apply_fn, from_linen, from_nnx, init_masks, masked,
+    ntksap_scorer, prune, prune_model
 )
+from ntksap_jax.validate import import_neural_tangents
+from ntksap_jax.scores import magnitude_scorer, synflow_scorer
+from ntksap_jax.analysis import ntk_spectrum
+from ntksap_jax.collapse import path_report
 from ntksap_jax.masks import named_leaves
 from ntksap_jax.scores import kaiming_normal_reinit
 
@@ -269,7 +259,7 @@ def test_equinox_and_linen_twins_agree():
 
     # NTK-SAP: the objective's mask gradient on the same θ, x, z (transposed where the layout is), in
     # float64: the finite difference cancels most of float32's digits
-    from ntksap_jax import ntksap_objective
+    from ntksap_jax.scores import ntksap_objective
 
     with jax.enable_x64(True):
         lp64, fp64, x64 = to_f64(lparams), to_f64(fp), jnp.asarray(x, jnp.float64)
@@ -436,7 +426,9 @@ def test_nnx_masks_mirror_the_param_state_and_train_with_nnx_optimizer():
         optimizer.update(cnn, grads)
     kernel = np.asarray(cnn.conv1.kernel[...])
     m = np.asarray(result.masks["conv1"]["kernel"])
-    assert np.all(kernel[m == 0] == 0) and np.any(kernel[m != 0] != np.asarray(result.params["conv1"]["kernel"])[m != 0])
+    assert np.all(kernel[m == 0] == 0) and np.any(
+        kernel[m != 0] != np.asarray(result.params["conv1"]["kernel"])[m != 0]
+    )
 
 
 def test_spectrum_of_nnx_model_equals_its_linen_twin_float64():
@@ -493,7 +485,7 @@ def test_every_method_on_every_front_end(name):
 
 def test_validate_ntk_takes_an_nnx_model_float64():
     """Our kernel against neural-tangents' for an NNX CNN with BatchNorm (float64 tolerances)."""
-    from ntksap_jax import validate_ntk
+    from ntksap_jax.validate import validate_ntk
 
     with jax.enable_x64(True):
         model = from_nnx(NnxCNN(c1=4, c2=4, rngs=nnx.Rngs(0)))
@@ -508,7 +500,7 @@ def test_calibrated_statistics_need_no_bn_momentum_field_float64():
     """A linen model whose BatchNorms hard-code momentum 0.9 (no ``bn_momentum`` field; it used to
     be required, and a dummy field gave 0.1x the statistics): the first BatchNorm's statistics are
     the stem convolution's mean and unbiased variance, by hand."""
-    from ntksap_jax import calibrated_batch_stats
+    from ntksap_jax.model import calibrated_batch_stats
 
     with jax.enable_x64(True):
         model = FlaxExamplesResNet()

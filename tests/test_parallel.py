@@ -184,7 +184,7 @@ def test_cli_devices(results):
 def test_make_mesh_on_one_device():
     import jax
 
-    from ntksap_jax import make_mesh, mesh_summary
+    from ntksap_jax.parallel import make_mesh, mesh_summary
 
     mesh = make_mesh()
     assert mesh.axis_names == ("data", "model")
@@ -200,7 +200,7 @@ def test_shard_examples_is_a_no_op_without_a_mesh():
     import jax
     import jax.numpy as jnp
 
-    from ntksap_jax import shard_examples
+    from ntksap_jax.parallel import shard_examples
 
     x = jnp.arange(6.0)
     np.testing.assert_array_equal(jax.jit(shard_examples)(x), x)
@@ -263,8 +263,8 @@ def test_two_processes_prune_and_train_like_one(tmp_path):
     train_args = ["train", "--preset", "mlp-digits", "--epochs", "2", "--masks", str(tmp_path / "one" / "masks.npz")]
     _two_processes([*train_args, "--out", str(tmp_path / "tmh")])
     assert main([*train_args, "--out", str(tmp_path / "tone"), "--no-progress"]) == 0
-    rows_mh = [json.loads(l) for l in (tmp_path / "tmh" / "metrics.jsonl").read_text().splitlines()]
-    rows_one = [json.loads(l) for l in (tmp_path / "tone" / "metrics.jsonl").read_text().splitlines()]
+    rows_mh = [json.loads(line) for line in (tmp_path / "tmh" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(line) for line in (tmp_path / "tone" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows_mh] == [1, 2]  # written once, by process 0
     assert sorted(os.listdir(tmp_path / "tmh" / "checkpoints")) == ["1", "2"]
     for r1, r2 in zip(rows_one, rows_mh):

@@ -5,18 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntksap_jax import (
-    count_total,
-    exponential_schedule,
-    get_model,
-    init_masks,
-    linear_schedule,
-    magnitude_scorer,
-    ntksap_scorer,
-    paper_density_grid,
-    prune,
-    random_scorer,
-)
+from ntksap_jax.masks import count_total
+from ntksap_jax.schedules import exponential_schedule, linear_schedule, paper_density_grid
+from ntksap_jax import get_model, init_masks, ntksap_scorer, prune
+from ntksap_jax.scores import magnitude_scorer, random_scorer
 
 
 def test_schedules_by_hand():
@@ -24,7 +16,9 @@ def test_schedules_by_hand():
     np.testing.assert_allclose(exponential_schedule(0.8**18, 20)[-1], 0.8**18)
     np.testing.assert_allclose(exponential_schedule(0.8**18, 20), 0.8 ** (18 * np.arange(1, 21) / 20))
     np.testing.assert_allclose(linear_schedule(0.5, 2), [0.75, 0.5])
-    np.testing.assert_allclose(paper_density_grid(), [0.64, 0.262144, 0.1073741824, 0.043980465111040035, 0.018014398509481993])
+    np.testing.assert_allclose(
+        paper_density_grid(), [0.64, 0.262144, 0.1073741824, 0.043980465111040035, 0.018014398509481993]
+    )
     with pytest.raises(ValueError, match="iterations must be a positive integer; got 0"):
         exponential_schedule(0.1, 0)
 
@@ -89,7 +83,9 @@ def test_prune_rejects_bad_input(mlp):
         prune(random_scorer(), params, bad, density=0.5, key=jax.random.key(0))
 
     def nan_scorer(params, masks, batch_stats, key):
-        return jax.tree.map(lambda m: None if m is None else jnp.full(m.shape, jnp.nan), masks, is_leaf=lambda t: t is None)
+        return jax.tree.map(
+            lambda m: None if m is None else jnp.full(m.shape, jnp.nan), masks, is_leaf=lambda t: t is None
+        )
 
     with pytest.raises(ValueError, match="scores must be finite"):
         prune(nan_scorer, params, density=0.5, key=jax.random.key(0))

@@ -1,13 +1,13 @@
 """Sanity checks (shuffle, re-init, invert), per-layer allocations, and collapse detection."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntksap_jax import count_kept, get_model, global_topk, init_masks, magnitude_scorer, prune
+from ntksap_jax import count_kept, get_model, init_masks, prune
+from ntksap_jax.masks import global_topk
+from ntksap_jax.scores import magnitude_scorer
 from ntksap_jax.collapse import compression_grid, max_critical_compression, path_report, unit_report
 from ntksap_jax.distributions import erk_densities, layer_counts, uniform_densities
 from ntksap_jax.masks import collapsed_layers, named_leaves
@@ -69,7 +69,9 @@ def test_invert_equals_normal_path_on_negated_scores():
          "b": {"kernel": jnp.asarray(r.integers(-3, 4, (5, 4)), jnp.float32)}}
     neg = jax.tree.map(jnp.negative, s)
     for iterations in (1, 3):
-        inv = prune(fixed_scorer(s), params, density=0.3, iterations=iterations, key=jax.random.key(0), invert=True).masks
+        inv = prune(
+            fixed_scorer(s), params, density=0.3, iterations=iterations, key=jax.random.key(0), invert=True
+        ).masks
         ref = prune(fixed_scorer(neg), params, density=0.3, iterations=iterations, key=jax.random.key(0)).masks
         for a, b in zip(leaves(inv), leaves(ref)):
             np.testing.assert_array_equal(a, b)
@@ -98,7 +100,9 @@ def test_erk_densities_by_hand():
 def test_distribution_fixes_per_layer_counts(resnet8, distribution):
     _, params, _ = resnet8
     masks0 = init_masks(params)
-    result = prune(magnitude_scorer(), params, density=0.1, iterations=2, key=jax.random.key(0), distribution=distribution)
+    result = prune(
+        magnitude_scorer(), params, density=0.1, iterations=2, key=jax.random.key(0), distribution=distribution
+    )
     dens = (uniform_densities if distribution == "uniform" else erk_densities)(masks0, 0.1)
     want = layer_counts(masks0, dens)
     for m, k in zip(leaves(result.masks), jax.tree.leaves(want)):

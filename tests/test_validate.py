@@ -26,7 +26,6 @@ from ntksap_jax._compat import (
 )
 from ntksap_jax._compat import neural_tangents as compat
 from ntksap_jax.cli import main
-from ntksap_jax.models.resnet_cifar import LotteryResNet
 
 requires_nt = pytest.mark.skipif(
     importlib.util.find_spec("neural_tangents") is None, reason="neural-tangents not installed (the [validate] extra)"
@@ -62,7 +61,7 @@ RESTORABLE = [("jax.core", n) for n in compat._CORE_NAMES] + [("jax.interpreters
 def test_restore_is_a_noop_when_jax_has_the_names(monkeypatch):
     """Simulate a JAX that still has every name: nothing is added or replaced."""
     import jax.core
-    from jax.interpreters import ad
+    from jax.interpreters import ad  # noqa: F401  (side effect: puts jax.interpreters.ad in sys.modules)
 
     sentinels = {}
     for mod_name, name in RESTORABLE:
@@ -108,7 +107,9 @@ def test_restore_adds_exactly_the_missing_names(monkeypatch):
 
 def test_missing_package_gives_the_install_line(monkeypatch, capsys, tmp_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "neural_tangents" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "neural_tangents" else real(name, *a)
+    )
     with pytest.raises(NeuralTangentsUnavailable, match=r"pip install 'ntksap-jax\[validate\]'"):
         import_neural_tangents()
     code = main(["validate", "--model", "mlp", "--dataset", "digits", "--batch", "2"])
@@ -209,7 +210,7 @@ def test_cli_validate_resnet20_prints_the_table(resnet20_masks, capsys):
     assert code == 0, out + err
     assert "| implementation | max abs diff | rel. Frobenius error | trace ours / theirs | seconds |" in out
     for name in SUPPORTED_IMPLEMENTATIONS:
-        line = next(l for l in out.splitlines() if l.startswith(f"| neural-tangents {name} "))
+        line = next(row for row in out.splitlines() if row.startswith(f"| neural-tangents {name} "))
         assert line.rstrip().endswith("| yes |")
         assert float(line.split("|")[3]) < 1e-5  # relative Frobenius error in float32
     assert "STRUCTURED_DERIVATIVES | – | – | – | – | unsupported |" in out

@@ -69,7 +69,10 @@ __all__ = [
     "restore_jax_names",
 ]
 
-INSTALL_HINT = "neural-tangents is not installed: pip install 'ntksap-jax[validate]' (neural-tangents 0.6.5 + tensorflow, about 1.9 GB)"
+INSTALL_HINT = (
+    "neural-tangents is not installed: pip install 'ntksap-jax[validate]' "
+    "(neural-tangents 0.6.5 + tensorflow, about 1.9 GB)"
+)
 
 # neural-tangents NtkImplementation member names.
 SUPPORTED_IMPLEMENTATIONS = ("JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS")
@@ -183,7 +186,7 @@ def import_neural_tangents():
 
     Example::
 
-      nt = ntksap_jax.import_neural_tangents()
+      nt = ntksap_jax.validate.import_neural_tangents()
       init_fn, apply_fn, kernel_fn = nt.stax.serial(nt.stax.Dense(512), nt.stax.Relu(), nt.stax.Dense(1))
     """
     if importlib.util.find_spec("neural_tangents") is None:

@@ -54,7 +54,9 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Apply the block to an NHWC batch."""
-        bn = lambda name: batch_norm(train, self.bn_momentum, self.bn_epsilon, name=name)
+        def bn(name):
+            return batch_norm(train, self.bn_momentum, self.bn_epsilon, name=name)
+
         out_features = self.planes * self.expansion
         out = conv(self.planes, 3, stride=self.stride, padding=1, name="conv1")(x)
         out = nn.relu(bn("bn1")(out))
@@ -89,7 +91,9 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Apply the block to an NHWC batch."""
-        bn = lambda name: batch_norm(train, self.bn_momentum, self.bn_epsilon, name=name)
+        def bn(name):
+            return batch_norm(train, self.bn_momentum, self.bn_epsilon, name=name)
+
         out_features = self.planes * self.expansion
         out = conv(self.planes, 1, stride=1, padding=0, name="conv1")(x)
         out = nn.relu(bn("bn1")(out))

@@ -40,7 +40,9 @@ class LotteryBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         """Apply the block to an NHWC batch."""
-        bn = lambda name: batch_norm(train, self.bn_momentum, self.bn_epsilon, name=name)
+        def bn(name):
+            return batch_norm(train, self.bn_momentum, self.bn_epsilon, name=name)
+
         out = conv(self.features, 3, stride=self.stride, padding=1, name="conv1")(x)
         out = nn.relu(bn("bn1")(out))
         out = conv(self.features, 3, stride=1, padding=1, name="conv2")(out)
