@@ -73,6 +73,7 @@ SLOW_TESTS = {
     "test_ntk.py::test_empirical_ntk_matches_jacobian_oracle_float64[2-resnet20_bn_eval]": 35,
     "test_ntk.py::test_ntk_trace_matches_oracle_float64[resnet20_bn_eval]": 25,
     "test_ntk.py::test_vmap_over_weight_samples": 20,
+    "test_ntk.py::test_ntk_gram_whole_and_blocked_match_oracle_float64[resnet20_bn_eval]": 35,
     "test_validate.py::test_empirical_ntk_equals_neural_tangents_float64[resnet20_masked]": 55,
     "test_validate.py::test_cli_validate_resnet20_prints_the_table": 35,
     "test_own_models.py::test_prune_model_on_users_models[flax_examples_resnet-ntksap]": 60,

@@ -343,3 +343,30 @@ def test_bad_preset_name_lists_the_names():
         get_preset("resnet20-cifar100")
     for name in PRESETS:
         assert name in str(e.value)
+
+
+def test_training_keeps_no_model_alive():
+    """init_model's compiled init is held per Model, weakly: a dropped Model (and the NNX module it holds,
+    with all its variables) is freed, unlike under the process-wide lru_caches this replaced."""
+    import gc
+    import weakref
+
+    from flax import nnx
+
+    from ntksap_jax.model import from_nnx
+    from ntksap_jax.steps import init_model
+
+    class Tiny(nnx.Module):
+        def __init__(self, *, rngs):
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(x.reshape(x.shape[0], -1))
+
+    spec = from_nnx(lambda rngs: Tiny(rngs=rngs), input_shape=(4,))
+    variables, _ = init_model(spec, (4,), seed=0)
+    assert variables["params"]["fc"]["kernel"].shape == (4, 3)
+    ref = weakref.ref(spec)
+    del spec
+    gc.collect()
+    assert ref() is None
