@@ -59,7 +59,7 @@ def pytest_xdist_make_scheduler(config, log):
     return UnitScheduling(config, log)
 
 
-#: The tests that take over ~15 s on 2 CPU cores (one worker, cold compilation cache), marked
+#: The tests that take over ~12 s on 2 CPU cores (one worker, cold compilation cache), marked
 #: ``slow(seconds=...)`` here in one place: ``pytest -m "not slow"`` is the quick tier. Keys are
 #: node ids without "tests/"; a key without "[" marks every parametrisation. Costs are rough
 #: (``--durations`` of 2026-12-07 runs, rounded) and only order the schedule.
@@ -93,6 +93,10 @@ SLOW_TESTS = {
     "test_own_models.py::test_prune_model_on_users_models[flax_examples_resnet-synflow]": 25,
     "test_own_models.py::test_prune_model_on_users_models[linen_vit-synflow]": 15,
     "test_conv.py::test_resnet20_mask_gradient_matches_lax_convolutions": 15,
+    "test_own_models.py::test_snip_and_grasp_score_a_model_with_dropout": 12,
+    "test_ntksap.py::test_pruning_loop_compiles_the_scorer_once": 12,
+    "test_own_models.py::test_prune_model_on_users_models[nnx_cnn-ntksap]": 10,
+    "test_analysis.py::test_resnet_spectrum_matches_float64_oracle_and_averages_draws": 10,
 }
 
 #: Module fixtures that cost minutes: every test that uses one is slow too (``-m "not slow"`` must
