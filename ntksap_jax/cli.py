@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Sequence
 
+from ntksap_jax._compile_cache import enable_compile_cache
 from ntksap_jax.data.registry import list_datasets
 from ntksap_jax.runs import ConfigError, cli_flag, tqdm_progress
 
@@ -36,6 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_prune_parser(sub)
     _add_analysis_parsers(sub)
     _add_training_parsers(sub)
+    for command in sub.choices.values():
+        command.add_argument("--no-compile-cache", action="store_true",
+                             help="keep no compiled programs in ~/.cache/ntksap-jax (also NTKSAP_JAX_COMPILE_CACHE=0)")
     return parser
 
 
@@ -378,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dry_run(args)
         if args.command in ("prune", "train", "run"):
             _start_distributed(args)
+        _, why_not = enable_compile_cache(not args.no_compile_cache)
+        if why_not and why_not.startswith("cannot"):
+            print(f"ntksap-jax: note: running without the compilation cache: {why_not}", file=sys.stderr)
         return _COMMANDS[args.command](args)
     except ConfigError as e:  # bad input, found before any computation
         print(f"ntksap-jax: error: {e}", file=sys.stderr)

@@ -89,6 +89,7 @@ SLOW_TESTS = {
     "test_notebooks.py::test_executes_in_quick_mode": 80,
     "test_notebooks.py::test_quickstart_gpu_branch_trains_resnet20_on_cifar10": 20,
     "test_cli.py::test_ntksap_run_writes_masks_and_report": 18,
+    "test_cli.py::test_a_second_identical_prune_compiles_nothing": 40,
     "test_baselines.py::test_synflow_resnet20_layer_densities_match_official": 16,
     "test_own_models.py::test_prune_model_on_users_models[flax_examples_resnet-synflow]": 25,
     "test_own_models.py::test_prune_model_on_users_models[linen_vit-synflow]": 15,

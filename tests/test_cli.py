@@ -215,3 +215,52 @@ def test_resnet50_gets_the_stem_of_its_data(tmp_path, capsys, dataset, stem):
     plan = json.loads(out)
     assert plan["config"]["model_kwargs"] == {"stem": stem}, plan["config"]
     assert plan["config"]["input_shape"] == ([224, 224, 3] if stem == "imagenet" else plan["config"]["input_shape"])
+
+
+def _cache_free_env(tmp_path, name):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env["XDG_CACHE_HOME"] = str(tmp_path / name)
+    return env, tmp_path / name / "ntksap-jax" / "jax-compilation-cache"
+
+
+_COUNTING_MAIN = """
+import collections, json, sys
+from jax import monitoring
+counts = collections.Counter()
+monitoring.register_event_listener(lambda event, **kwargs: counts.update([event]))
+from ntksap_jax.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "requests": counts["/jax/compilation_cache/compile_requests_use_cache"],
+                  "hits": counts["/jax/compilation_cache/cache_hits"]}))
+"""
+
+
+def test_a_second_identical_prune_compiles_nothing(tmp_path):
+    """Every command keeps XLA's programs in the user's cache folder: JAX's own events say that the second
+    identical run found every program it asked for there (hits == requests > 0), i.e. compiled nothing.
+    --no-compile-cache and NTKSAP_JAX_COMPILE_CACHE=0 turn it off: no cache folder, and a second run finds
+    nothing (JAX counts compile requests even without a cache folder; only hits need one)."""
+    argv = ["prune", "--model", "mlp", "--dataset", "digits", "--method", "ntksap", "--density", "0.1",
+            "--iterations", "2", "--samples", "1", "--num-inputs", "20", "--out", str(tmp_path / "run"), "--overwrite",
+            "--no-progress"]
+
+    def run(env, *extra):
+        proc = subprocess.run([sys.executable, "-c", _COUNTING_MAIN, *argv, *extra], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert counts["code"] == 0, proc.stderr[-2000:]
+        return counts
+
+    env, folder = _cache_free_env(tmp_path, "cache")
+    first = run(env)
+    assert first["requests"] > 0 and first["hits"] == 0 and folder.is_dir(), first
+    second = run(env)
+    assert second["requests"] == first["requests"] and second["hits"] == second["requests"], (first, second)
+    for extra, name in ((["--no-compile-cache"], "off1"), ([], "off2")):
+        env, folder = _cache_free_env(tmp_path, name)
+        if name == "off2":
+            env["NTKSAP_JAX_COMPILE_CACHE"] = "0"
+        run(env, *extra)
+        counts = run(env, *extra)
+        assert counts["requests"] > 0 and counts["hits"] == 0 and not folder.exists(), (name, counts)
