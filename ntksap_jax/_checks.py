@@ -49,12 +49,10 @@ def non_negative_int(value, name: str) -> int:
 def positive_float(value, name: str) -> float:
     """``float(value)``, or ``ValueError`` unless it is a finite real number > 0 (``bool`` and
     strings are refused)."""
-    v = math.nan
-    if not isinstance(value, (bool, str, bytes)):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            pass
+    try:
+        v = math.nan if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        v = math.nan
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number; got {value!r}")
     return v
