@@ -1,4 +1,13 @@
-"""A drop-in ``lax.conv_general_dilated`` whose weight gradient is fast on XLA:CPU.
+"""A drop-in ``lax.conv_general_dilated`` that is fast on XLA:CPU.
+
+On CPU, float32 convolutions in the model zoo's layout run through oneDNN (the library PyTorch
+uses on CPU) when the package's extension is built: ``_onednn.py`` defines them as three
+bilinear JAX primitives (forward, backward-data, backward-weights) lowered to an XLA FFI
+custom call, with forward mode, reverse mode and ``vmap`` rules. ``NTKSAP_JAX_ONEDNN=0``
+turns it off; without the extension a warning says so once and the path below is used.
+Other dtypes (float64 oracles), other layouts and other backends (cuDNN, TPU) never take it.
+
+Without oneDNN:
 
 XLA:CPU lowers the forward convolution and the input gradient to Eigen's spatial
 convolution (fast), but the *weight* gradient, a convolution whose "kernel" is the
@@ -36,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+
+from ntksap_jax import _onednn
 
 __all__ = ["conv_general_dilated"]
 
@@ -109,7 +120,20 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
+    if _onednn_applies(lhs, rhs, pads):
+        return _onednn.conv(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, precision)
+
+
+def _onednn_applies(lhs, rhs, pads) -> bool:
+    """oneDNN takes float32 NHWC convolutions with non-negative padding when JAX runs on CPU."""
+    return (
+        jnp.result_type(lhs) == jnp.float32
+        and jnp.result_type(rhs) == jnp.float32
+        and all(p >= 0 for pair in pads for p in pair)
+        and jax.default_backend() == "cpu"
+        and _onednn.available()
+    )
 
 
 def _lax_conv(x, w, strides, pads, precision):
