@@ -83,11 +83,16 @@ def _activation(eqn) -> str | None:
 
 
 def _unsupported(eqn) -> str | None:
-    """The name of an unsupported nonlinearity ``eqn`` applies, else ``None``."""
+    """The name of an unsupported nonlinearity ``eqn`` applies, else ``None``: a ``jax.nn`` function's name
+    (``gelu``: from the equation's traceback, as it is not a ``jit`` of its own), else the primitive's."""
     prim = str(eqn.primitive)
     if prim in ("jit", "pjit") and eqn.params.get("name") in _UNSUPPORTED_NAMES:
         return eqn.params["name"]
-    return prim if prim in _UNSUPPORTED_PRIMITIVES else None
+    if prim not in _UNSUPPORTED_PRIMITIVES:
+        return None
+    frames = getattr(getattr(eqn.source_info, "traceback", None), "frames", None) or ()
+    caller = [f.function_name for f in frames if "nn/functions" in f.file_name.replace("\\", "/")]
+    return f"{caller[0]} ({prim})" if caller else prim
 
 
 @functools.lru_cache(maxsize=4096)
@@ -183,7 +188,7 @@ def _eval_eqn(eqn, invals: list, hook: _Gates) -> list:
     name = _unsupported(eqn)
     if name is not None:
         raise ValueError(f"px supports only {' and '.join(ACTIVATIONS)} nonlinearities (jax.nn / flax.linen); "
-                         f"the model applies {name!r}")
+                         f"the model applies {name}")
     inner = _inner(eqn)
     if inner is not None and _needs_entry(inner[0]):
         jaxpr, consts = inner  # the called jaxpr takes every operand (custom_jvp's consts included)
