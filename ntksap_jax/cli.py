@@ -53,7 +53,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--model", required=True, help="model name (see `ntksap_jax.models.list_models()`), e.g. resnet20")
     p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(list_datasets())} (default cifar10)")
     p.add_argument("--method", default="ntksap",
-                   help="scorer: ntksap (default), random, magnitude, snip, iterative_snip, grasp, synflow")
+                   help="scorer: ntksap (default), random, magnitude, snip, iterative_snip, grasp, synflow, px")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--density", type=float, help="final kept fraction of prunable weights, in (0, 1]")
     g.add_argument("--sparsity", type=float, help="final pruned fraction, in [0, 1): density = 1 - sparsity")
@@ -78,6 +78,8 @@ def _add_prune_parser(sub) -> None:
                    help="sanity check: keep the mask, train from a different init "
                         "(recorded as init_seed in the report)")
     p.add_argument("--float64", action="store_true", help="synflow: compute in float64 (for deep models)")
+    p.add_argument("--examples-per-class", type=int, default=None, help="snip/grasp/px: K train images a class (px 10)")
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data directory (tfds sets only)")
     p.add_argument("--stem", default=None, help="resnet18/34/50 stem: imagenet or cifar (default: by dataset)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for the init and the scores (default 0)")
     p.add_argument("--out", required=True, help="output folder for masks.npz and report.json")
@@ -139,11 +141,12 @@ def _add_training_parsers(sub) -> None:
         help="prune a preset's network, then train the pruned network (and the dense one) from the same init",
         description="`prune` into DIR (masks.npz, report.json), train the pruned network into DIR/pruned and, "
         "unless --no-dense, the dense network into DIR/dense; print both accuracies. NTK-SAP uses the preset's "
-        "T and R. SNIP and GraSP score on a labelled batch of 10 x classes training images.",
+        "T and R. SNIP, GraSP and PX score on a class-balanced labelled batch of training images.",
     )
     _add_train_args(r)
     r.add_argument("--method", default="ntksap",
-                   help="ntksap (default), random, magnitude, snip, iterative_snip, grasp, synflow")
+                   help="ntksap (default), random, magnitude, snip, iterative_snip, grasp, synflow, px")
+    r.add_argument("--examples-per-class", type=int, default=10, help="snip/grasp/px: K train images a class (0: off)")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--density", type=float, help="final kept fraction of prunable weights, in (0, 1]")
     g.add_argument("--sparsity", type=float, help="final pruned fraction, in [0, 1)")
@@ -193,8 +196,6 @@ def _add_model_args(p) -> None:
                    "so the weights are the ones that were pruned; else 0)")
 
 
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -214,12 +215,10 @@ def _print_pruned(pruned, out: str) -> None:
 def _prune_plan(args):
     from ntksap_jax.runs import resolve_prune
 
-    return resolve_prune(model=args.model, dataset=args.dataset, method=args.method, density=args.density,
-                         sparsity=args.sparsity, iterations=args.iterations, samples=args.samples,
-                         num_inputs=args.num_inputs, batch_size=args.batch_size, eps=args.eps,
-                         estimator=args.estimator, sample_loop=args.sample_loop, schedule=args.schedule,
-                         distribution=args.distribution, invert=args.invert, shuffle=args.shuffle,
-                         reinit=args.reinit, float64=args.float64, stem=args.stem, seed=args.seed, spell=cli_flag)
+    names = ("model", "dataset", "method", "density", "sparsity", "iterations", "samples", "num_inputs", "batch_size",
+             "eps", "estimator", "sample_loop", "schedule", "distribution", "invert", "shuffle", "reinit", "float64",
+             "stem", "seed", "examples_per_class")
+    return resolve_prune(**{name: getattr(args, name) for name in names}, spell=cli_flag)
 
 
 def _run_prune(args) -> int:
@@ -229,7 +228,7 @@ def _run_prune(args) -> int:
     prepare_out_dir(args.out, args.overwrite, cli_flag)
     mesh = device_mesh(args.devices, args.model_parallel, cli_flag)
     close, progress = tqdm_progress(plan.config["iterations"], f"{args.method} {args.model}", args.no_progress)
-    pruned = prune_zoo(plan, mesh=mesh, progress=progress)
+    pruned = prune_zoo(plan, mesh=mesh, progress=progress, data_dir=args.data_dir)
     close()
     save_pruned(args.out, pruned)
     _print_pruned(pruned, args.out)
@@ -307,7 +306,7 @@ def _run_run(args) -> int:
                          progress=not args.no_progress, prune_progress=progress,
                          on_pruned=lambda pruned: (close(), _print_pruned(pruned, args.out)),
                          log=functools.partial(print, file=sys.stderr),
-                         spell=cli_flag)
+                         examples_per_class=args.examples_per_class, spell=cli_flag)
     print(format_accuracy(reports))
     return 0
 
@@ -336,7 +335,8 @@ def _dry_run(args) -> int:
         else:
             args.seed = 0 if args.seed is None else args.seed
             plan["prune"] = resolve_run(preset, method=args.method, density=args.density, sparsity=args.sparsity,
-                                        iterations=args.iterations, seed=args.seed, spell=cli_flag).to_json()
+                                        iterations=args.iterations, seed=args.seed,
+                                        examples_per_class=args.examples_per_class, spell=cli_flag).to_json()
             plan["dense"] = not args.no_dense
     if not getattr(args, "resume", False):
         check_out_dir(args.out, args.overwrite, cli_flag)

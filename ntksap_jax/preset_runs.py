@@ -65,16 +65,25 @@ def resolve_train(preset, *, epochs: int | None = None, batch_size: int | None =
 
 
 def resolve_run(preset, *, method: str = "ntksap", density: float | None = None, sparsity: float | None = None,
-                iterations: int | None = None, seed: int = 0, spell: Spell = _plain) -> PrunePlan:
+                iterations: int | None = None, seed: int = 0, examples_per_class: int | None = 10,
+                spell: Spell = _plain) -> PrunePlan:
     """The pruning half of :func:`run_preset`: the preset's model, data set, NTK-SAP ``T`` and ``R``
-    and Gaussian-input count; the official defaults otherwise."""
+    and Gaussian-input count; the official defaults otherwise. The data-driven methods score
+    ``examples_per_class`` training images of every class (default 10; 0: the first ``10 × classes``
+    of a shuffled epoch, unbalanced); the others ignore it."""
+    from ntksap_jax.runs import check_choice
+    from ntksap_jax.scores import get_method, list_scorers
+
     ntksap = method == "ntksap"
     if iterations is None and ntksap:
         iterations = preset.ntksap_iterations
+    check_choice(method, list_scorers(), "method")
+    balanced = get_method(method).needs_data and examples_per_class not in (None, 0)
     return resolve_prune(model=preset.model, dataset=preset.dataset, method=method, density=density,
                          sparsity=sparsity, iterations=iterations, samples=preset.ntksap_samples if ntksap else None,
-                         num_inputs=preset.ntksap_num_inputs, stem=dict(preset.model_kwargs).get("stem"), seed=seed,
-                         spell=spell)
+                         num_inputs=None if balanced else preset.ntksap_num_inputs,
+                         stem=dict(preset.model_kwargs).get("stem"), seed=seed,
+                         examples_per_class=examples_per_class if get_method(method).needs_data else None, spell=spell)
 
 
 def _load_dataset(preset, data_dir):
@@ -168,12 +177,14 @@ def run_preset(preset_name: str, *, out: str, method: str = "ntksap", density: f
                sparsity: float | None = None, iterations: int | None = None, seed: int = 0, dense: bool = True,
                epochs: int | None = None, batch_size: int | None = None, data_dir: str | None = None,
                overwrite: bool = False, mesh=None, progress: bool = True, prune_progress: Callable | None = None,
-               on_pruned: Callable | None = None, log: Callable = print, spell: Spell = _plain) -> dict:
+               on_pruned: Callable | None = None, log: Callable = print, examples_per_class: int | None = 10,
+               spell: Spell = _plain) -> dict:
     """Prune a preset's network into ``out``, then train it into ``out/pruned`` and, with ``dense``, the dense
     network into ``out/dense`` from the same init; writes ``out/run_report.json``.
 
-    Data-driven methods (``Method.needs_data``) score on a labelled batch of ``10 × classes`` training
-    images. ``prune_progress(t, row)`` is called after each pruning round; ``on_pruned(pruned)`` with the
+    Data-driven methods (``Method.needs_data``) score on a class-balanced labelled batch: ``examples_per_class``
+    training images of every class (default 10; ``0``: the first ``10 × classes`` of a shuffled epoch).
+    ``prune_progress(t, row)`` is called after each pruning round; ``on_pruned(pruned)`` with the
     :class:`~ntksap_jax.runs.PrunedZoo` before training; ``progress`` shows the training bars.
 
     Returns ``{label: train report}`` for ``"dense"`` and ``"<method> pruned"``.
@@ -189,11 +200,20 @@ def run_preset(preset_name: str, *, out: str, method: str = "ntksap", density: f
     preset = get_preset_or_error(preset_name)
     kwargs = resolve_train(preset, epochs=epochs, batch_size=batch_size, spell=spell)
     plan = resolve_run(preset, method=method, density=density, sparsity=sparsity, iterations=iterations, seed=seed,
-                       spell=spell)
+                       examples_per_class=examples_per_class, spell=spell)
     check_out_dir(out, overwrite, spell)
     dataset = _load_dataset(preset, data_dir)
     prepare_out_dir(out, overwrite, spell)
-    data = _scoring_batch(preset, dataset, seed) if get_method(method).needs_data else None
+    data = None
+    if plan.config["examples_per_class"]:
+        from ntksap_jax.data import balanced_batch
+
+        try:
+            data = balanced_batch(dataset, plan.config["examples_per_class"], seed=seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif get_method(method).needs_data:
+        data = _scoring_batch(preset, dataset, seed)
     pruned = prune_zoo(plan, data=data, mesh=mesh, progress=prune_progress)
     save_pruned(out, pruned)
     if on_pruned is not None:

@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
-from ntksap_jax._checks import positive_float, positive_int
+from ntksap_jax._checks import non_negative_int, positive_float, positive_int
 from ntksap_jax._io import atomic_write_text
 
 __all__ = ["ConfigError", "PrunePlan", "PrunedZoo", "resolve_prune", "prune_zoo", "save_pruned", "prune_summary",
@@ -140,17 +140,38 @@ def _scorer_options(method, info, values: dict, spell: Spell) -> dict:
             if name in method.options and (name != "num_classes" or method.needs_data)}
 
 
+def _examples_per_class(method, k, num_inputs, spell: Spell) -> int | None:
+    """The class-balanced scoring set's ``k`` (``None``: no real data), checked: only for the data-driven
+    methods, not with ``num_inputs``; PX (``requires_data``) defaults to 10 (``10 × classes`` examples)."""
+    if k is None:
+        return 10 if method.requires_data else None
+    try:
+        k = non_negative_int(k, spell("examples_per_class"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not method.needs_data:
+        raise ConfigError(f"{spell('examples_per_class')} applies to the data-driven methods (snip, iterative_snip, "
+                          f"grasp, px); {method.name!r} scores no data")
+    if k == 0 and method.requires_data:
+        raise ConfigError(f"{method.name} scores real data: {spell('examples_per_class')} must be at least 1; got 0")
+    if k and num_inputs is not None:
+        raise ConfigError(f"give {spell('num_inputs')} or {spell('examples_per_class')}, not both")
+    return k or None
+
+
 def resolve_prune(*, model: str, dataset: str = "cifar10", method: str = "ntksap", density: float | None = None,
                   sparsity: float | None = None, iterations: int | None = None, samples: int | None = None,
                   num_inputs: int | None = None, batch_size: int = 256, eps: float = 0.01,
                   estimator: str = "finite_difference", sample_loop: str = "auto", schedule: str = "exponential",
                   distribution: str = "global", invert: bool = False, shuffle: bool = False, reinit: bool = False,
-                  float64: bool = False, stem: str | None = None, seed: int = 0, spell: Spell = _plain) -> PrunePlan:
+                  float64: bool = False, stem: str | None = None, seed: int = 0,
+                  examples_per_class: int | None = None, spell: Spell = _plain) -> PrunePlan:
     """Check and resolve a zoo pruning run, touching no device, data or file.
 
     Defaults are the official ones: NTK-SAP's rounds ``T`` and repeats ``R`` by data set (20 and 5
     on CIFAR-10, 100 and 1 elsewhere), other methods' rounds from their :class:`~ntksap_jax.scores.Method`,
-    ``10 × classes`` Gaussian inputs.
+    ``10 × classes`` Gaussian inputs. ``examples_per_class=k`` (data-driven methods; PX: default 10) has
+    :func:`prune_zoo` score on ``k`` training examples of every class (:func:`ntksap_jax.data.balanced_batch`).
 
     Raises:
       ConfigError: naming the bad argument (spelled by ``spell``) and what is allowed.
@@ -181,7 +202,10 @@ def resolve_prune(*, model: str, dataset: str = "cifar10", method: str = "ntksap
         raise ConfigError(str(e)) from None
     values = dict(samples=samples, num_inputs=num_inputs, batch_size=batch_size, eps=eps, estimator=estimator,
                   sample_loop=sample_loop, float64=float64)
+    k = _examples_per_class(m, examples_per_class, num_inputs, spell)
     scorer = _scorer_options(m, info, values, spell)
+    if k:
+        scorer.pop("num_inputs", None)  # every example of the balanced set
     kwargs = model_kwargs(model, stem, dataset, spell)
     config = {
         "dataset": dataset, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
@@ -189,7 +213,7 @@ def resolve_prune(*, model: str, dataset: str = "cifar10", method: str = "ntksap
         "shuffle": bool(shuffle), "reinit": bool(reinit), "seed": seed,
         # Training re-creates the init from this seed (a different one with reinit).
         "init_seed": seed + REINIT_SEED_OFFSET if reinit else seed,
-        "model_kwargs": kwargs, "scorer": scorer,
+        "model_kwargs": kwargs, "scorer": scorer, "examples_per_class": k,
     }
     return PrunePlan(model, method, density, config)
 
@@ -234,7 +258,21 @@ def _environment(mesh) -> dict:
             "backend": jax.default_backend(), "devices": len(jax.devices()), "mesh": mesh_summary(mesh)}
 
 
-def prune_zoo(plan: PrunePlan, *, data=None, mesh=None, progress: Callable | None = None) -> PrunedZoo:
+def _balanced_data(config: dict, data, data_dir: str | None):
+    """``k`` examples of every class: chosen from ``data``, or loaded from the training set."""
+    from ntksap_jax.data import DataError, balanced_batch, class_balanced, load
+
+    k = config["examples_per_class"]
+    try:
+        if data is not None:
+            return class_balanced(data[0], data[1], k, num_classes=config["num_classes"], seed=config["seed"])
+        return balanced_batch(load(config["dataset"], data_dir=data_dir), k, seed=config["seed"])
+    except (DataError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def prune_zoo(plan: PrunePlan, *, data=None, mesh=None, progress: Callable | None = None,
+              data_dir: str | None = None) -> PrunedZoo:
     """Prune a zoo model as ``ntksap-jax prune`` does: :func:`ntksap_jax.prune_model` on the init of
     ``init_model(model, shape, seed)`` with the official algorithm's mask (``off_path="keep"``), then
     the sanity-check shuffle if asked, and the full report.
@@ -244,6 +282,8 @@ def prune_zoo(plan: PrunePlan, *, data=None, mesh=None, progress: Callable | Non
       data: ``(x, y)`` labelled examples for the data-driven methods (``None``: Gaussian inputs with
         random labels, noted in ``notes``).
       mesh, progress: as :func:`ntksap_jax.prune`.
+      data_dir: where the training set is (tfds sets), read when the plan has ``examples_per_class`` and
+        no ``data`` is given.
 
     Example::
 
@@ -263,6 +303,8 @@ def prune_zoo(plan: PrunePlan, *, data=None, mesh=None, progress: Callable | Non
     model = get_model(plan.model, config["num_classes"], **config["model_kwargs"])
     variables, prune_key = init_model(model, shape, config["seed"])
     scorer = dict(config["scorer"])
+    if config.get("examples_per_class"):
+        data = _balanced_data(config, data, data_dir)
     if data is not None and "num_classes" in scorer:
         scorer["data"] = (jax.numpy.asarray(data[0]), jax.numpy.asarray(data[1]))
         config["scorer_data"] = f"{len(data[1])} labelled training images"

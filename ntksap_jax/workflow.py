@@ -99,6 +99,7 @@ def prune_model(
     num_inputs: int | None = None,
     data=None,
     num_classes: int | None = None,
+    examples_per_class: int | None = None,
     zero_norm_scales: str = "one",
     reinit: str | Callable = "auto",
     on_collapse: str = "warn",
@@ -135,6 +136,10 @@ def prune_model(
       data: ``(x, y)`` labelled examples for SNIP, iterative SNIP and GraSP (without it they
         score Gaussian inputs with random labels, and warn).
       num_classes: for the data-driven methods; default the model's output width.
+      examples_per_class: score the data-driven methods on a class-balanced subset of ``data``:
+        exactly this many examples of each of the ``num_classes`` classes, chosen by
+        :func:`ntksap_jax.data.class_balanced` with a seed drawn from ``key`` (same key, same
+        subset); ``None`` (default): ``data`` as given.
       zero_norm_scales: ``"one"`` (default): normalisation scales that are all zero are scored
         at 1 (:func:`unit_norm_scales`; named in ``report["unit_scored_norm_scales"]``);
         ``"keep"``: score them as they are.
@@ -190,6 +195,9 @@ def prune_model(
 
     m = get_method(method)
     iterations = m.default_iterations if iterations is None else iterations
+    if examples_per_class is not None:
+        data, num_classes = _balanced(m, spec, params, state, shape, data, num_classes, num_inputs,
+                                      examples_per_class, key)
     config = _scorer_config(m, spec, scoring_params, state, shape, samples=samples, num_inputs=num_inputs,
                             data=data, num_classes=num_classes, reinit=reinit, extra=scorer_kwargs)
     score_fn = m.factory(spec, shape, **config)
@@ -226,9 +234,29 @@ def prune_model(
     }
     if data is not None:
         report["scorer"]["data"] = f"{len(data[1])} labelled examples"
+    if examples_per_class is not None:
+        report["scorer"]["examples_per_class"] = int(examples_per_class)
     params_out = apply_masks(params, masks)
     return PrunedModel(masks=spec.to_native(masks), params=spec.to_native(params_out), report=report,
                        history=result.history, model=spec, variables=dict(variables), library_masks=masks)
+
+
+def _balanced(method, spec, params, state, shape, data, num_classes, num_inputs, k, key):
+    """``(data, num_classes)`` with ``data`` cut to ``k`` examples of every class (checked)."""
+    from ntksap_jax.data.balanced import class_balanced
+
+    if not method.needs_data:
+        raise ValueError(f"examples_per_class applies to the data-driven methods; {method.name!r} scores no data")
+    if data is None:
+        raise ValueError(f"examples_per_class={k!r} needs data=(x, y) to choose from")
+    if num_inputs is not None:
+        raise ValueError(f"give num_inputs or examples_per_class, not both; got num_inputs={num_inputs!r}, "
+                         f"examples_per_class={k!r}")
+    if num_classes is None:
+        num_classes = _num_outputs(spec, params, state, shape)
+    seed = int(jax.random.randint(jax.random.fold_in(key, 0xBA1), (), 0, 2**31 - 1))
+    x, y = class_balanced(data[0], data[1], k, num_classes=num_classes, seed=seed)
+    return (x, y), num_classes
 
 
 def _scorer_config(method, spec, params, state, shape, *, samples, num_inputs, data, num_classes, reinit, extra):

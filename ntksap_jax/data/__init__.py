@@ -65,7 +65,8 @@ Batch sizes: any positive integer. Training on a device mesh, a batch is split o
 
 Layout: :mod:`~ntksap_jax.data.registry` (the table), ``_base`` (:class:`Dataset`,
 :class:`DataError`), ``_arrays`` (digits, mnist5k), ``_tfds`` (the tfds sets) and
-``_tiny_imagenet`` (its tfds builder).
+``_tiny_imagenet`` (its tfds builder), ``balanced`` (:func:`class_balanced`, :func:`balanced_batch`:
+``k`` examples of every class for the data-driven pruning methods).
 
 Example::
 
@@ -85,6 +86,7 @@ from __future__ import annotations
 # (tests/test_data.py, tests/parallel_worker.py).
 from ntksap_jax.data._arrays import _ARRAY_NORM, _ArrayDataset, _load_array  # noqa: F401
 from ntksap_jax.data._base import DataError, Dataset
+from ntksap_jax.data.balanced import balanced_batch, class_balanced
 from ntksap_jax.data._tfds import _TFDS_SPECS, _load_tfds, _prepare  # noqa: F401
 from ntksap_jax.data.registry import (
     DATASETS,
@@ -103,6 +105,8 @@ __all__ = [
     "DatasetSpec",
     "DataError",
     "Dataset",
+    "balanced_batch",
+    "class_balanced",
     "get_dataset_info",
     "get_dataset_spec",
     "list_datasets",

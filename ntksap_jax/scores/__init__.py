@@ -11,7 +11,8 @@ Example::
 
 Registered: ``ntksap``, ``random``, ``magnitude``, and the baselines ``snip``,
 ``iterative_snip``, ``grasp`` (labelled-loss scorers: ``num_classes=`` required, ``data=(x, y)``
-optional) and ``synflow`` (data-free; meant for ~100 iterations). Each is declared as a
+optional), ``synflow`` (data-free; meant for ~100 iterations) and ``px`` (real ``data=(x, y)``
+required; 100 iterations). Each is declared as a
 :class:`Method` (:func:`get_method`): whether it needs data, its default rounds, its options.
 The library's factories return a :class:`ScoreFn`, whose ``traces`` counts its compilations.
 """
@@ -36,6 +37,7 @@ from ntksap_jax.scores.ntksap import (
     ntksap_sample_gradient,
     ntksap_scorer,
 )
+from ntksap_jax.scores.px import px_objective, px_roles, px_scorer
 from ntksap_jax.scores.snip import iterative_snip_scorer, prune_loss, snip_scorer
 from ntksap_jax.scores.synflow import synflow_objective, synflow_scorer
 
@@ -53,6 +55,9 @@ __all__ = [
     "iterative_snip_scorer",
     "grasp_scorer",
     "synflow_scorer",
+    "px_scorer",
+    "px_objective",
+    "px_roles",
     "prune_loss",
     "synflow_objective",
     "ntksap_objective",
@@ -71,7 +76,7 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register_scorer(name: str, factory: Callable, *, needs_data: bool = False, default_iterations: int = 1,
-                    official_by_dataset: bool = False) -> Method:
+                    official_by_dataset: bool = False, requires_data: bool = False) -> Method:
     """Register ``factory(model, input_shape, **config) -> score`` under ``name``; returns its :class:`Method`.
 
     Args:
@@ -80,6 +85,7 @@ def register_scorer(name: str, factory: Callable, *, needs_data: bool = False, d
       needs_data: it scores a labelled batch (``data=(x, y)``, ``num_classes=``).
       default_iterations: pruning rounds when none are given.
       official_by_dataset: its official rounds and repeats come from the data set (NTK-SAP).
+      requires_data: it cannot score without real data (PX; implies ``needs_data``).
 
     Raises ``ValueError`` if the name is taken.
 
@@ -89,8 +95,8 @@ def register_scorer(name: str, factory: Callable, *, needs_data: bool = False, d
     """
     if name in _REGISTRY:
         raise ValueError(f"a scorer named {name!r} is already registered")
-    method = Method(name, factory, needs_data=needs_data, default_iterations=default_iterations,
-                    official_by_dataset=official_by_dataset)
+    method = Method(name, factory, needs_data=needs_data or requires_data, default_iterations=default_iterations,
+                    official_by_dataset=official_by_dataset, requires_data=requires_data)
     _REGISTRY[name] = method
     return method
 
@@ -130,3 +136,4 @@ register_scorer("snip", snip_scorer, needs_data=True)
 register_scorer("iterative_snip", iterative_snip_scorer, needs_data=True, default_iterations=100)
 register_scorer("grasp", grasp_scorer, needs_data=True)
 register_scorer("synflow", synflow_scorer, default_iterations=100)
+register_scorer("px", px_scorer, needs_data=True, default_iterations=100, requires_data=True)

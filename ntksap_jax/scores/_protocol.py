@@ -107,6 +107,8 @@ class Method:
         on CIFAR-10, SynFlow and iterative SNIP 100, the rest one-shot).
       official_by_dataset: the official rounds and repeats depend on the data set (NTK-SAP:
         T = 20, R = 5 on CIFAR-10, T = 100, R = 1 elsewhere; see ``ntksap_jax.data``).
+      requires_data: it cannot score without real data (PX): the workflows load a labelled batch
+        for it instead of drawing Gaussian inputs.
       options: the keyword options ``factory`` takes (from its signature).
 
     Example::
@@ -121,6 +123,7 @@ class Method:
     default_iterations: int = 1
     official_by_dataset: bool = False
     options: Sequence[str] = ()
+    requires_data: bool = False
 
     def __post_init__(self):
         if not self.options:
