@@ -61,7 +61,8 @@ setup(
             sources=["csrc/onednn_conv.cc"],
             libraries=["dnnl"],
             language="c++",
-            extra_compile_args=["-std=c++17", "-O2", "-w"],
+            extra_compile_args=["-std=c++17", "-O2", "-fopenmp", "-w"],
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": OptionalBuildExt},

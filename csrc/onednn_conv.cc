@@ -15,6 +15,8 @@
 #include <exception>
 #include <string>
 
+#include <omp.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -59,10 +61,19 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const 
   return g;
 }
 
+// Kernel reorders are small (at most a few MB): one thread does them. Under OpenMP a parallel
+// region costs a team wake-up, which on a loaded 2-core machine took milliseconds per reorder.
+void SmallReorder(dnnl::memory& from, dnnl::memory& to, dnnl::stream& stream) {
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  dnnl::reorder(from, to).execute(stream, from, to);
+  omp_set_num_threads(threads);
+}
+
 dnnl::memory Reordered(dnnl::memory from, const memory::desc& to, dnnl::stream& stream) {
   if (from.get_desc() == to) return from;
   dnnl::memory out(to, Engine());
-  dnnl::reorder(from, out).execute(stream, from, out);
+  SmallReorder(from, out, stream);
   return out;
 }
 
@@ -133,7 +144,7 @@ ffi::Error ConvBwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi
     dnnl::memory diff_w = direct ? user_dw : dnnl::memory(pd.diff_weights_desc(), Engine());
     dnnl::convolution_backward_weights(pd).execute(
         stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_w}});
-    if (!direct) dnnl::reorder(diff_w, user_dw).execute(stream, diff_w, user_dw);
+    if (!direct) SmallReorder(diff_w, user_dw, stream);
     stream.wait();
   });
 }
