@@ -126,12 +126,17 @@ def conv_general_dilated(
 
 
 def _onednn_applies(lhs, rhs, pads) -> bool:
-    """oneDNN takes float32 NHWC convolutions with non-negative padding when JAX runs on CPU."""
+    """oneDNN takes float32 NHWC convolutions with non-negative padding when JAX runs on one CPU device.
+
+    Several CPU devices (``--xla_force_host_platform_device_count``, meshes of host devices) keep
+    XLA's convolution: XLA's SPMD partitioner can split it across the mesh, not a custom call.
+    """
     return (
         jnp.result_type(lhs) == jnp.float32
         and jnp.result_type(rhs) == jnp.float32
         and all(p >= 0 for pair in pads for p in pair)
         and jax.default_backend() == "cpu"
+        and jax.device_count() == 1
         and _onednn.available()
     )
 

@@ -152,6 +152,11 @@ def test_turned_off_by_environment_and_warns_once_when_missing(monkeypatch, tmp_
     env = {**os.environ, "NTKSAP_JAX_ONEDNN": "0", "PYTHONWARNINGS": "error"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "ntksap_onednn" not in out.stdout and "stablehlo.convolution" in out.stdout
+    # several host devices: XLA's convolution, which the SPMD partitioner can split over a mesh
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env.pop("NTKSAP_JAX_ONEDNN", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "ntksap_onednn" not in out.stdout and "stablehlo.convolution" in out.stdout
 
     monkeypatch.setattr(_onednn._State, "loaded", None)
     monkeypatch.setattr(_onednn._State, "warned", False)
