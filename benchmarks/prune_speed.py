@@ -20,6 +20,15 @@ PyTorch code takes about 2.5 s per iteration (57 s in all, 0.9 GB peak RSS) on t
     python benchmarks/prune_speed.py                                  # both presets, JSON + Markdown
     python benchmarks/prune_speed.py --presets resnet20-cifar10 --iterations 20
     python benchmarks/prune_speed.py --estimators finite_difference jvp --sample-loops sequential vmap
+    python benchmarks/prune_speed.py --presets resnet20-cifar10 \
+        --official ~/NTK-SAP --official-python ~/venv-torch/bin/python      # beside the official process
+
+The whole ``ntksap-jax prune`` process of ResNet-20 at the official setting is also timed, phase by
+phase (import, init, first iteration, per iteration, after, total; see ``_process_timing.py``), with a
+cold compilation cache (a fresh folder) and then warm (the same folder again); with ``--official PATH``
+(a checkout of the official NTK-SAP code, and ``--official-python``: a Python with ``torch`` and
+``pandas``) its ``main.py`` NTK-SAP pruning is timed beside it, and the table gives ours ÷ official.
+``--no-process`` skips this; ``--process-iterations k`` times the first k of the T rounds (both sides).
 
 Writes ``benchmarks/results/prune_speed_<backend>.json`` and ``.md`` (``--out`` to change).
 Timings are of this machine in this run; compare ratios measured in one run.
@@ -147,6 +156,80 @@ def run_config(cfg: dict) -> dict:
     return out
 
 
+PROCESS_PRESET = "resnet20-cifar10"
+PROCESS_COMPRESSION = 18  # density 0.8**18, the official scripts' sparsest ResNet-20 level
+
+
+def run_process(args) -> dict:
+    """Our whole prune process, cold then warm cache, and the official one when ``args.official`` is given."""
+    import tempfile
+
+    from ntksap_jax.presets import get_preset
+    from _process_timing import time_official, time_ours
+
+    preset = get_preset(PROCESS_PRESET)
+    T = preset.ntksap_iterations
+    k = min(args.process_iterations or T, T)
+    compression = PROCESS_COMPRESSION * k / T  # the first k rounds of the T-round schedule
+    setting = {"model": preset.model, "dataset": "cifar10", "T": T, "iterations": k, "R": preset.ntksap_samples,
+               "num_inputs": preset.ntksap_num_inputs, "density": 0.8 ** compression}
+    prune_args = ["--model", preset.model, "--dataset", "cifar10", "--method", "ntksap",
+                  "--density", repr(0.8 ** compression), "--iterations", str(k), "--samples", str(setting["R"]),
+                  "--num-inputs", str(setting["num_inputs"]), "--seed", "0"]
+    out = {"setting": setting}
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("ours_cold", "ours_warm"):
+            print(f"timing {name} ...", file=sys.stderr, flush=True)
+            out[name] = time_ours(prune_args, cache)
+            print(json.dumps(out[name]), file=sys.stderr, flush=True)
+    if args.official:
+        print("timing the official process ...", file=sys.stderr, flush=True)
+        out["official"] = time_official(args.official, args.official_python, iterations=k,
+                                        samples=setting["R"], compression=compression)
+        print(json.dumps(out["official"]), file=sys.stderr, flush=True)
+    return out
+
+
+def process_markdown(report: dict) -> list[str]:
+    proc = report.get("process")
+    if not proc:
+        return []
+    st, peak = proc["setting"], report["matmul_peak_gflops"]
+    flops = next((r["gflop_per_iteration"] for r in report["configs"]
+                  if r.get("preset") == PROCESS_PRESET and "error" not in r), float("nan"))
+    lines = [f"## Whole process: ResNet-20, CIFAR-10, T={st['T']} (first {st['iterations']} timed), R={st['R']}, "
+             f"{st['num_inputs']} Gaussian inputs, density {st['density']:.4g}", "",
+             "| process | import s | init s | first iteration s | s/iteration (median) | after s | total s "
+             "| GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|---|"]
+    names = {"ours_cold": "ntksap-jax prune, cold cache", "ours_warm": "ntksap-jax prune, warm cache",
+             "official": "official main.py NTKSAP"}
+    for key, label in names.items():
+        r = proc.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {label} | failed: {r['error'][:100]} ||||||||")
+            continue
+        if key == "official":
+            label += f" (torch {r.get('torch', '?')}, {r.get('threads', '?')} threads)"
+        gf = flops / r["per_iteration"]
+        lines.append(f"| {label} | {r['import']:.2f} | {r['init']:.2f} | {r['first_iteration']:.2f} "
+                     f"| {r['per_iteration']:.2f} | {r['after']:.2f} | {r['total']:.1f} | {gf:.3g} "
+                     f"| {100 * gf / peak:.0f}% |")
+    lines += ["", "GFLOP/s: XLA's FLOP count of our iteration (the convolutions, forward and backward) ÷ each "
+              "side's seconds per iteration (the official code runs the same algorithm on the same shapes)."]
+    off = proc.get("official")
+    for key in ("ours_cold", "ours_warm"):
+        r = proc.get(key)
+        if r and "error" not in r:
+            ratio = ""
+            if off and "error" not in off:
+                ratio = (f"; ours ÷ official: whole process **{r['total'] / off['total']:.2f}×**, "
+                         f"per iteration **{r['per_iteration'] / off['per_iteration']:.2f}×**")
+            lines.append(f"- {names[key]}: {r['import'] + r['init']:.2f} s before the first round{ratio}")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     peak = report["matmul_peak_gflops"]
     lines = [
@@ -175,7 +258,7 @@ def markdown(report: dict) -> str:
         )
     lines += ["", "Official PyTorch reference (same 2-core CPU, measured once, not in this run): ResNet-20 "
               "2.5 s/iteration, 57 s in all, 0.9 GB peak RSS.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + process_markdown(report))
 
 
 def main(argv=None) -> int:
@@ -189,6 +272,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/prune_speed_<backend>)")
+    p.add_argument("--official", default=None, metavar="PATH",
+                   help="a checkout of the official NTK-SAP code: time its main.py pruning beside ours")
+    p.add_argument("--official-python", default="python3",
+                   help="the Python that runs it, with torch and pandas (default python3)")
+    p.add_argument("--process-iterations", type=int, default=None,
+                   help="whole-process timing: rounds to run (default all T=20)")
+    p.add_argument("--no-process", action="store_true", help="skip the whole-process timing")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -222,6 +312,7 @@ def main(argv=None) -> int:
                 else:
                     configs.append(json.loads(rows[-1]))
                 print(json.dumps(configs[-1]), file=sys.stderr, flush=True)
+    process = None if args.no_process else run_process(args)
     peak = max(peak_before, matmul_peak_gflops(args.matmul_size))
     report = {
         "benchmark": "prune_speed",
@@ -234,6 +325,7 @@ def main(argv=None) -> int:
         "matmul_peak_gflops": peak,
         "official_pytorch_reference": OFFICIAL,
         "configs": configs,
+        "process": process,
     }
     stem = Path(args.out) if args.out else RESULTS / f"prune_speed_{report['backend']}"
     print(write_report(stem, report, markdown))

@@ -104,8 +104,14 @@ def _linen_layouts(module: nn.Module, example: jax.Array, kwargs: dict) -> dict:
         return next_fun(*args, **fkwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda k: module.init({"params": k, "dropout": k}, example, **kwargs), jax.random.key(0))
+        jax.eval_shape(lambda x: module.init(_shape_keys(), x, **kwargs), example)
     return found
+
+
+def _shape_keys() -> dict:
+    """Init keys for a shape-only trace, made inside it (an eager key compiles two programs)."""
+    key = jax.random.key(0)
+    return {"params": key, "dropout": key}
 
 
 def _is_zoo(module) -> bool:
@@ -192,7 +198,7 @@ def from_linen(
 
     def layout(path, leaf_shape):
         if shape is not None and "modules" not in cache:
-            cache["modules"] = _linen_layouts(module, jnp.zeros((1, *shape), jnp.float32), mode(False))
+            cache["modules"] = _linen_layouts(module, jax.ShapeDtypeStruct((1, *shape), jnp.float32), mode(False))
         return table_layout(cache.get("modules", {}), path, leaf_shape)
 
     return Model(
@@ -206,6 +212,5 @@ def from_linen(
 def _linen_has_state(module, shape, mode, coll) -> bool | None:
     if shape is None or not callable(getattr(module, "init", None)):
         return None  # unknown until the variables are seen
-    tree = jax.eval_shape(lambda k: module.init({"params": k, "dropout": k}, jnp.zeros((1, *shape)), **mode(False)),
-                          jax.random.key(0))
+    tree = jax.eval_shape(lambda: module.init(_shape_keys(), jnp.zeros((1, *shape)), **mode(False)))
     return coll in tree and bool(jax.tree.leaves(tree[coll]))

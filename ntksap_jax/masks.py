@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -111,9 +112,23 @@ def init_masks(params: PyTree, filter_fn: FilterFn = default_filter) -> PyTree:
       masks = init_masks(params)
       masks = init_masks(params, lambda path, p: p.ndim == 4)  # convolutions only
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.ones(jnp.shape(p), jnp.result_type(p)) if filter_fn(path, p) else None, params
-    )
+    chosen = jax.tree_util.tree_map_with_path(
+        lambda path, p: (tuple(int(d) for d in jnp.shape(p)), jnp.dtype(jnp.result_type(p)).name)
+        if filter_fn(path, p) else None, params)
+    specs, treedef = jax.tree.flatten(chosen, is_leaf=_is_spec)
+    ones = _ones(tuple(s for s in specs if s is not None))  # one program for every leaf, not one per shape
+    it = iter(ones)
+    return jax.tree.unflatten(treedef, [None if s is None else next(it) for s in specs])
+
+
+def _is_spec(x) -> bool:
+    return x is None or (isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], str))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ones(specs: tuple) -> list:
+    """Ones of each ``(shape, dtype name)`` in ``specs``: one compiled program for all the masks."""
+    return [jnp.ones(shape, dtype) for shape, dtype in specs]
 
 
 def check_structure(params: PyTree, masks: PyTree) -> None:
@@ -156,6 +171,11 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(
         lambda m, p: p if m is None else p * m.astype(jnp.result_type(p)), masks, params, is_leaf=_is_none
     )
+
+
+#: :func:`apply_masks` as one compiled program (outside a trace, an eager ``p * m`` compiles one program
+#: per leaf shape; the workflow's final ``θ₀ ⊙ m`` uses this).
+apply_masks_jit = jax.jit(apply_masks)
 
 
 def _mask_leaves(masks: PyTree) -> list:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ntksap_jax._checks import is_none as _is_none
 from ntksap_jax.masks import (
-    apply_masks,
+    apply_masks_jit,
     check_density,
     check_scores,
     check_structure,
@@ -197,7 +197,7 @@ def prune(
         diagnostics["reallocated"] = moved
         diagnostics["kept"] = count_kept(masks)
     _report_degenerate(diagnostics, on_collapse)
-    return PruneResult(masks=masks, params=apply_masks(params, masks), history=history, diagnostics=diagnostics)
+    return PruneResult(masks=masks, params=apply_masks_jit(params, masks), history=history, diagnostics=diagnostics)
 
 
 def _score_precision(scores):

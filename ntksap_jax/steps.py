@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -104,7 +105,7 @@ def init_model(model, input_shape: Sequence[int], seed: int) -> tuple[PyTree, ja
 
       variables, prune_key = init_model(get_model("resnet20", 10), (32, 32, 3), seed=0)
     """
-    init_key, prune_key = jax.random.split(jax.random.key(seed))
+    init_key, prune_key = _seed_keys(int(seed))
     shape = tuple(int(d) for d in input_shape)
     spec = as_model(model, shape)
     if spec.init is None:  # an NNX instance or an apply_fn model without init_fn: its own variables
@@ -118,6 +119,12 @@ def init_model(model, input_shape: Sequence[int], seed: int) -> tuple[PyTree, ja
 # call) drops its entry. The value, jax.jit(spec.init), refers to the init closure only, never to
 # the Model, so it does not keep its key alive.
 _COMPILED_INITS: weakref.WeakKeyDictionary[Model, Callable] = weakref.WeakKeyDictionary()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``split(key(seed))`` as one compiled program (eager, it runs as four); the same keys."""
+    return tuple(jax.random.split(jax.random.key(seed)))
 
 
 def _compiled_init(spec: Model) -> Callable:

@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from ntksap_jax.masks import apply_masks, count_kept, count_total, density_report, init_masks, path_name
+from ntksap_jax.masks import apply_masks_jit, count_kept, count_total, density_report, init_masks, path_name
 from ntksap_jax.model import Model, as_model, forward_order
 from ntksap_jax.prune import prune
 from ntksap_jax.scores import get_method
@@ -68,15 +68,32 @@ def unit_norm_scales(model: Model, params: PyTree) -> tuple[PyTree, list[str]]:
 
       scoring_params, names = unit_norm_scales(as_model(resnet, (32, 32, 3)), variables["params"])
     """
-    names: list[str] = []
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    scales = [i for i, (path, leaf) in enumerate(flat) if model.norm_scale(path, leaf)]
+    if not scales:
+        return params, []
+    zero = jax.device_get(_all_zero([flat[i][1] for i in scales]))  # one program and one sync for all scales
+    unit = {i for i, z in zip(scales, zero) if z}
+    names = [path_name(flat[i][0]) for i in sorted(unit)]
+    if not unit:
+        return params, []
+    ones = _ones_like([flat[i][1] for i in sorted(unit)])
+    by_index = dict(zip(sorted(unit), ones))
+    return jax.tree_util.tree_unflatten(treedef, [by_index.get(i, leaf) for i, (_, leaf) in enumerate(flat)]), names
 
-    def one(path, leaf):
-        if model.norm_scale(path, leaf) and not bool(jnp.any(leaf != 0)):
-            names.append(path_name(path))
-            return jnp.ones_like(leaf)
-        return leaf
 
-    return jax.tree_util.tree_map_with_path(one, params), names
+@jax.jit
+def _all_zero(leaves: list) -> list:
+    return [jnp.logical_not(jnp.any(leaf != 0)) for leaf in leaves]
+
+
+@jax.jit
+def _ones_like(leaves: list) -> list:
+    return [jnp.ones_like(leaf) for leaf in leaves]
+
+
+#: ``split(key)`` as one compiled program (eager, it runs as two).
+split_key = jax.jit(lambda key: tuple(jax.random.split(key)))
 
 
 def _num_outputs(model: Model, params, state, input_shape) -> int:
@@ -182,7 +199,7 @@ def prune_model(
     shape = tuple(int(s) for s in input_shape)
     spec = as_model(model, shape)
     if variables is None and spec.variables is None:
-        init_key, key = jax.random.split(key)
+        init_key, key = split_key(key)
         variables = jax.jit(spec.init)(init_key)
     elif variables is None:
         variables = spec.variables
@@ -236,7 +253,7 @@ def prune_model(
         report["scorer"]["data"] = f"{len(data[1])} labelled examples"
     if examples_per_class is not None:
         report["scorer"]["examples_per_class"] = int(examples_per_class)
-    params_out = apply_masks(params, masks)
+    params_out = apply_masks_jit(params, masks)  # one program, not one multiply per leaf
     return PrunedModel(masks=spec.to_native(masks), params=spec.to_native(params_out), report=report,
                        history=result.history, model=spec, variables=dict(variables), library_masks=masks)
 
