@@ -68,6 +68,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=0.01, help="perturbation standard deviation (default 0.01)")
     p.add_argument("--estimator", default="finite_difference", help="finite_difference (official) or jvp")
     p.add_argument("--sample-loop", default="auto", help="auto, sequential or vmap")
+    p.add_argument("--micro-batch", default=None, help="NTK-SAP: score N inputs at a time, or auto (default: whole)")
     p.add_argument("--schedule", default="exponential", help="exponential (default) or linear")
     p.add_argument("--distribution", default="global",
                    help="global (one ranking over all layers, default), uniform or erk (fixed per-layer shares)")
@@ -216,10 +217,10 @@ def _prune_plan(args):
 
     return resolve_prune(model=args.model, dataset=args.dataset, method=args.method, density=args.density,
                          sparsity=args.sparsity, iterations=args.iterations, samples=args.samples,
-                         num_inputs=args.num_inputs, batch_size=args.batch_size, eps=args.eps,
-                         estimator=args.estimator, sample_loop=args.sample_loop, schedule=args.schedule,
-                         distribution=args.distribution, invert=args.invert, shuffle=args.shuffle,
-                         reinit=args.reinit, float64=args.float64, stem=args.stem, seed=args.seed, spell=cli_flag)
+                         num_inputs=args.num_inputs, batch_size=args.batch_size, eps=args.eps, estimator=args.estimator,
+                         sample_loop=args.sample_loop, micro_batch=args.micro_batch, schedule=args.schedule,
+                         distribution=args.distribution, invert=args.invert, shuffle=args.shuffle, reinit=args.reinit,
+                         float64=args.float64, stem=args.stem, seed=args.seed, spell=cli_flag)
 
 
 def _run_prune(args) -> int:
