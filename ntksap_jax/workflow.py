@@ -226,6 +226,8 @@ def prune_model(
     }
     if data is not None:
         report["scorer"]["data"] = f"{len(data[1])} labelled examples"
+    if getattr(score_fn, "micro_batches", None) is not None:  # NTK-SAP: {batch size: chunk or None}, as used
+        report["scorer"]["micro_batches"] = {str(n): mb for n, mb in score_fn.micro_batches.items()}
     params_out = apply_masks(params, masks)
     return PrunedModel(masks=spec.to_native(masks), params=spec.to_native(params_out), report=report,
                        history=result.history, model=spec, variables=dict(variables), library_masks=masks)

@@ -177,3 +177,12 @@ def test_command_line_micro_batch_is_resolved_and_checked():
     with pytest.raises(ConfigError, match=r"^--micro-batch must be a positive integer, 'auto' or None; got '0'$"):
         resolve_prune(model="resnet50", dataset="imagenet", density=0.1, micro_batch="0", spell=cli_flag)
     assert "micro_batch" not in resolve_prune(model="resnet20", method="synflow", density=0.1).config["scorer"]
+
+
+def test_prune_model_takes_micro_batch_and_reports_it():
+    from ntksap_jax import prune_model
+
+    result = prune_model(SmallBNNet(), input_shape=SHAPE, density=0.5, key=jax.random.key(0), iterations=1,
+                         samples=1, num_inputs=6, micro_batch=4)
+    assert result.report["scorer"]["micro_batch"] == 4
+    assert result.report["scorer"]["micro_batches"] == {"6": 3}  # 6 inputs: 2 chunks of 3

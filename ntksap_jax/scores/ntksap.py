@@ -34,6 +34,11 @@ from the official code's by 3.7e-3 (median relative; 2.4e-2 with 16 inputs); tak
 statistics from the eval-mode pass itself (one pass fewer) differs by 2.1e-2 with 16 inputs.
 Any linen ``nn.BatchNorm`` or ``nnx.BatchNorm`` works; no ``bn_momentum`` field is needed.
 
+Memory (``micro_batch``): with the statistics fixed, the objective is a sum over examples, so a
+batch can be scored in chunks after one statistics pass over the whole batch: the same gradient up
+to float rounding, with one chunk's activations live (ResNet-50 at 224², 256 inputs: 47 GB whole,
+12 GB in chunks of 64; ``benchmarks/imagenet_memory.py``). See :mod:`._ntksap_batching`.
+
 Weight re-draws (``reinit``): ``"kaiming"`` draws ``N(0, 2/fan_in)`` with each leaf's fan-in
 from the model's layout (``DenseGeneral``/attention kernels and ``(out, in)`` layouts
 included), as the official code; ``"init"`` re-runs the model's own initializers with a
