@@ -130,6 +130,16 @@ def test_auto_picks_a_micro_batch_that_fits_the_budget(small_bn_net, monkeypatch
         assert batching.device_memory_budget() is None
 
 
+def test_chunks_never_exceed_the_micro_batch_and_pad_less_than_one_per_chunk():
+    for n in range(1, 70):
+        for micro in range(1, 80):
+            c, s = batching.chunks(n, micro)
+            assert s <= micro
+            assert c * s >= n and c * s - n < c
+            assert batching.chunk_size(n, micro) == (None if c == 1 else s)
+    assert batching.chunks(232, 64) == (4, 58) and batching.chunk_size(32, 64) is None
+
+
 def test_pick_micro_batch_from_a_linear_peak():
     peaks = []
 

@@ -82,6 +82,17 @@ def chunks(n: int, micro_batch: int | None) -> tuple[int, int]:
     return c, -(-n // c)
 
 
+def chunk_size(n: int, micro_batch: int | None) -> int | None:
+    """The examples per chunk for a batch of ``n``, ``None`` when it is scored whole.
+
+    Example::
+
+      chunk_size(232, 64), chunk_size(32, 64)   # 58, None
+    """
+    c, s = chunks(n, micro_batch)
+    return s if c > 1 else None
+
+
 def moved(params, masks, perturbation, eps):
     """``(θ + ε z)⊙m`` on masked leaves, ``θ`` elsewhere."""
     return jax.tree.map(lambda m, p, z: p if m is None else (p + eps * z) * m, masks, params, perturbation,
@@ -220,7 +231,7 @@ def sequential_score_fn(one: Callable, plan: list, sample_key: Callable, micro_b
 
     sizes = sorted({n for _, _, n in plan})
     auto = micro_batch == AUTO
-    chosen = {} if auto else {n: None if micro_batch is None else chunks(n, micro_batch)[1] for n in sizes}
+    chosen = {} if auto else {n: chunk_size(n, micro_batch) for n in sizes}
     steps = {} if auto else {n: make_step(n, micro_batch) for n in sizes}
     zeros = jax.jit(lambda masks: jax.tree.map(jnp.zeros_like, masks))
     finalize = jax.jit(finalize)

@@ -63,7 +63,7 @@ from ntksap_jax.parallel import shard_examples
 from ntksap_jax.scores._data import batch_sizes
 from ntksap_jax.scores._ntksap_batching import (
     check_micro_batch,
-    chunks,
+    chunk_size,
     micro_batched_gradient,
     moved,
     sequential_score_fn,
@@ -430,7 +430,7 @@ def ntksap_scorer(
         up to float rounding, a peak memory of about one chunk's activations), or ``"auto"``:
         the largest chunk whose compiled step fits 0.75 of the device's ``bytes_limit``, whole
         batches if they fit or the device reports no limit (XLA:CPU); ``"auto"`` runs the
-        sequential sample loop. ``score.micro_batches`` records ``{batch size: micro-batch}``.
+        sequential sample loop. ``score.micro_batches`` records ``{batch size: examples per chunk, None if whole}``.
 
     Returns:
       ``score(params, masks, batch_stats, key)`` returning a pytree shaped like ``masks``
@@ -488,5 +488,5 @@ def ntksap_scorer(
         return _finalize(acc, masks)
 
     fn = ScoreFn(score, counter, lambda *args: [(score.lower(*args), 1)])
-    fn.micro_batches = {n: chunks(n, micro_batch)[1] if micro_batch is not None else None for n in sizes}
+    fn.micro_batches = {n: chunk_size(n, micro_batch) for n in sizes}
     return fn
