@@ -24,7 +24,8 @@ compiling it. XLA:CPU reports no limit: ``auto`` scores whole batches there.
 
 Example::
 
-    g = micro_batched_gradient(model, theta, masks, z, x, batch_stats, micro_batch=16)
+    theta, x, z = ntksap_sample_draws(key, params, masks, (256, 224, 224, 3))
+    g = micro_batched_gradient(as_model(model, (224, 224, 3)), theta, masks, z, x, batch_stats, micro_batch=32)
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from ntksap_jax.masks import apply_masks
 from ntksap_jax.parallel import cpu_collectives_need_serial
 from ntksap_jax.scores._protocol import ScoreFn
 
-__all__ = ["AUTO_MEMORY_FRACTION", "check_micro_batch", "chunks", "micro_batched_gradient", "pick_micro_batch",
-           "device_memory_budget", "compiled_peak_bytes", "sequential_score_fn"]
+__all__ = ["AUTO_MEMORY_FRACTION", "check_micro_batch", "chunks", "chunk_size", "micro_batched_gradient",
+           "pick_micro_batch", "device_memory_budget", "compiled_peak_bytes", "sequential_score_fn"]
 
 PyTree = Any
 
