@@ -68,6 +68,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=0.01, help="perturbation standard deviation (default 0.01)")
     p.add_argument("--estimator", default="finite_difference", help="finite_difference (official) or jvp")
     p.add_argument("--sample-loop", default="auto", help="auto, sequential or vmap")
+    p.add_argument("--micro-batch", default=None, help="NTK-SAP: score N inputs at a time, or auto (default: whole)")
     p.add_argument("--schedule", default="exponential", help="exponential (default) or linear")
     p.add_argument("--distribution", default="global",
                    help="global (one ranking over all layers, default), uniform or erk (fixed per-layer shares)")
@@ -217,7 +218,7 @@ def _prune_plan(args):
 
     names = ("model", "dataset", "method", "density", "sparsity", "iterations", "samples", "num_inputs", "batch_size",
              "eps", "estimator", "sample_loop", "schedule", "distribution", "invert", "shuffle", "reinit", "float64",
-             "stem", "seed", "examples_per_class")
+             "stem", "seed", "examples_per_class", "micro_batch")
     return resolve_prune(**{name: getattr(args, name) for name in names}, spell=cli_flag)
 
 

@@ -120,6 +120,7 @@ def _scorer_options(method, info, values: dict, spell: Spell) -> dict:
     """The scorer configuration of ``method``: the options it takes, with the official defaults for the
     data set (``R`` repeats, ``10 × classes`` inputs). Every value is checked, used or not."""
     from ntksap_jax.scores import Estimator, SampleLoop
+    from ntksap_jax.scores._ntksap_batching import check_micro_batch
 
     values = {**values, "num_classes": info.num_classes}
     values["samples"] = info.ntksap_samples if values["samples"] is None else values["samples"]
@@ -135,7 +136,12 @@ def _scorer_options(method, info, values: dict, spell: Spell) -> dict:
         raise ConfigError(f"{spell('eps')} must be a positive number; got {values['eps']!r}") from None
     for name, enum in (("estimator", Estimator), ("sample_loop", SampleLoop)):
         check_choice(values[name], [e.value for e in enum], spell(name))
-    order = ("num_classes", "samples", "num_inputs", "batch_size", "eps", "estimator", "sample_loop", "float64")
+    try:
+        values["micro_batch"] = check_micro_batch(values["micro_batch"], spell("micro_batch"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    order = ("num_classes", "samples", "num_inputs", "batch_size", "eps", "estimator", "sample_loop", "micro_batch",
+             "float64")
     return {name: values[name] for name in order
             if name in method.options and (name != "num_classes" or method.needs_data)}
 
@@ -162,7 +168,8 @@ def _examples_per_class(method, k, num_inputs, spell: Spell) -> int | None:
 def resolve_prune(*, model: str, dataset: str = "cifar10", method: str = "ntksap", density: float | None = None,
                   sparsity: float | None = None, iterations: int | None = None, samples: int | None = None,
                   num_inputs: int | None = None, batch_size: int = 256, eps: float = 0.01,
-                  estimator: str = "finite_difference", sample_loop: str = "auto", schedule: str = "exponential",
+                  estimator: str = "finite_difference", sample_loop: str = "auto", micro_batch: int | str | None = None,
+                  schedule: str = "exponential",
                   distribution: str = "global", invert: bool = False, shuffle: bool = False, reinit: bool = False,
                   float64: bool = False, stem: str | None = None, seed: int = 0,
                   examples_per_class: int | None = None, spell: Spell = _plain) -> PrunePlan:
@@ -201,7 +208,7 @@ def resolve_prune(*, model: str, dataset: str = "cifar10", method: str = "ntksap
     except ValueError as e:
         raise ConfigError(str(e)) from None
     values = dict(samples=samples, num_inputs=num_inputs, batch_size=batch_size, eps=eps, estimator=estimator,
-                  sample_loop=sample_loop, float64=float64)
+                  sample_loop=sample_loop, micro_batch=micro_batch, float64=float64)
     k = _examples_per_class(m, examples_per_class, num_inputs, spell)
     scorer = _scorer_options(m, info, values, spell)
     if k:

@@ -251,6 +251,8 @@ def prune_model(
     }
     if data is not None:
         report["scorer"]["data"] = f"{len(data[1])} labelled examples"
+    if getattr(score_fn, "micro_batches", None) is not None:  # NTK-SAP: {batch size: chunk or None}, as used
+        report["scorer"]["micro_batches"] = {str(n): mb for n, mb in score_fn.micro_batches.items()}
     if examples_per_class is not None:
         report["scorer"]["examples_per_class"] = int(examples_per_class)
     params_out = apply_masks_jit(params, masks)  # one program, not one multiply per leaf

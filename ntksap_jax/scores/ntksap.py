@@ -34,6 +34,11 @@ from the official code's by 3.7e-3 (median relative; 2.4e-2 with 16 inputs); tak
 statistics from the eval-mode pass itself (one pass fewer) differs by 2.1e-2 with 16 inputs.
 Any linen ``nn.BatchNorm`` or ``nnx.BatchNorm`` works; no ``bn_momentum`` field is needed.
 
+Memory (``micro_batch``): with the statistics fixed, the objective is a sum over examples, so a
+batch can be scored in chunks after one statistics pass over the whole batch: the same gradient up
+to float rounding, with one chunk's activations live (ResNet-50 at 224², 256 inputs: 47 GB whole,
+12 GB in chunks of 64; ``benchmarks/imagenet_memory.py``). See :mod:`._ntksap_batching`.
+
 Weight re-draws (``reinit``): ``"kaiming"`` draws ``N(0, 2/fan_in)`` with each leaf's fan-in
 from the model's layout (``DenseGeneral``/attention kernels and ``(out, in)`` layouts
 included), as the official code; ``"init"`` re-runs the model's own initializers with a
@@ -54,8 +59,16 @@ from ntksap_jax._checks import positive_float, positive_int
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.model import Model, as_model
 from ntksap_jax.ntk import gaussian_like, jvp_squared_norm
-from ntksap_jax.parallel import cpu_collectives_need_serial, shard_examples
+from ntksap_jax.parallel import shard_examples
 from ntksap_jax.scores._data import batch_sizes
+from ntksap_jax.scores._ntksap_batching import (
+    check_micro_batch,
+    chunk_size,
+    micro_batched_gradient,
+    moved,
+    sequential_score_fn,
+    tangent,
+)
 from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 
 __all__ = [
@@ -268,22 +281,9 @@ def ntksap_objective(
     estimator = _choice(Estimator, estimator, "estimator")
     masked = apply_masks(params, masks)
     if estimator == Estimator.FINITE_DIFFERENCE:
-        diff = apply_fn(masked, x) - apply_fn(_moved(params, masks, perturbation, eps), x)
+        diff = apply_fn(masked, x) - apply_fn(moved(params, masks, perturbation, eps), x)
         return jnp.vdot(diff, diff)
-    return jvp_squared_norm(apply_fn, masked, x, _tangent(params, masks, perturbation, eps))
-
-
-def _moved(params, masks, perturbation, eps):
-    """``(θ + ε z)⊙m`` on masked leaves, ``θ`` elsewhere."""
-    return jax.tree.map(lambda m, p, z: p if m is None else (p + eps * z) * m, masks, params, perturbation,
-                        is_leaf=lambda t: t is None)
-
-
-def _tangent(params, masks, perturbation, eps):
-    """``ε z⊙m`` on masked leaves, 0 elsewhere, in each param's dtype (jvp needs the primal's:
-    float64 params with float32 masks are a float64 computation)."""
-    return jax.tree.map(lambda m, p, z: jnp.zeros_like(p) if m is None else (eps * z * m).astype(p.dtype), masks,
-                        params, perturbation, is_leaf=lambda t: t is None)
+    return jvp_squared_norm(apply_fn, masked, x, tangent(params, masks, perturbation, eps))
 
 
 def ntksap_sample_draws(
@@ -324,6 +324,7 @@ def ntksap_sample_gradient(
     eps: float = 0.01,
     estimator: Estimator | str = Estimator.FINITE_DIFFERENCE,
     reinit: Reinit | str | Callable[[jax.Array, PyTree, PyTree], PyTree] = Reinit.KAIMING,
+    micro_batch: int | None = None,
 ) -> PyTree:
     """``∂L/∂m`` for one weight sample (steps 1-5 of the module docstring), signed.
 
@@ -337,6 +338,9 @@ def ntksap_sample_gradient(
       eps, estimator: see :func:`ntksap_objective`.
       reinit: ``"kaiming"`` (default here), ``"init"``, ``"auto"`` or
         ``reinit(key, params, masks) -> params`` (see :func:`make_reinit`).
+      micro_batch: ``None`` (the whole batch at once) or at most this many examples at a time:
+        the statistics from one pass over the whole batch, then the gradient summed over chunks
+        in a ``lax.scan`` (equal up to float rounding; a lower memory peak).
 
     Returns:
       A pytree shaped like ``masks`` (``None`` on dense leaves).
@@ -349,6 +353,13 @@ def ntksap_sample_gradient(
     estimator = _choice(Estimator, estimator, "estimator")
     spec = as_model(model, tuple(input_shape)[1:])
     theta, x, z = ntksap_sample_draws(key, params, masks, input_shape, reinit=make_reinit(spec, reinit))
+    micro_batch = check_micro_batch(micro_batch)
+    if micro_batch == "auto":
+        raise ValueError("ntksap_sample_gradient: micro_batch must be a positive integer or None; "
+                         "'auto' is resolved by ntksap_scorer")
+    if micro_batch is not None and micro_batch < x.shape[0]:
+        return micro_batched_gradient(spec, theta, masks, z, x, batch_stats, micro_batch=micro_batch, eps=eps,
+                                      jvp=estimator == Estimator.JVP)
     if not batch_stats:
         apply_fn = lambda p, xb: spec.apply(p, batch_stats, xb)[0]  # noqa: E731
         return jax.grad(lambda m: ntksap_objective(apply_fn, theta, m, z, x, eps=eps, estimator=estimator))(masks)
@@ -359,8 +370,8 @@ def ntksap_sample_gradient(
         stats = spec.statistics(masked, batch_stats, x)
         if estimator == Estimator.JVP:
             apply_fn = lambda p, xb: spec.apply(p, stats, xb)[0]  # noqa: E731
-            return jvp_squared_norm(apply_fn, masked, x, _tangent(theta, m, z, eps))
-        diff = spec.apply(masked, stats, x)[0] - spec.apply(_moved(theta, m, z, eps), stats, x)[0]
+            return jvp_squared_norm(apply_fn, masked, x, tangent(theta, m, z, eps))
+        diff = spec.apply(masked, stats, x)[0] - spec.apply(moved(theta, m, z, eps), stats, x)[0]
         return jnp.vdot(diff, diff)
 
     return jax.grad(objective)(masks)
@@ -387,6 +398,7 @@ def ntksap_scorer(
     estimator: Estimator | str = Estimator.FINITE_DIFFERENCE,
     sample_loop: SampleLoop | str = SampleLoop.AUTO,
     reinit: Reinit | str | Callable[[jax.Array, PyTree, PyTree], PyTree] = Reinit.AUTO,
+    micro_batch: int | str | None = None,
 ) -> Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]:
     """Build the NTK-SAP score function ``score(params, masks, batch_stats, key) -> scores``.
 
@@ -412,6 +424,13 @@ def ntksap_scorer(
       reinit: weight re-draws: ``"auto"`` (kaiming on the zoo and on models that cannot
         re-initialise, the model's own ``init`` otherwise), ``"kaiming"``, ``"init"``, or
         ``reinit(key, params, masks) -> params``.
+      micro_batch: ``None`` (default: each batch at once), a positive int (at most this many
+        examples of a batch at a time: statistics from one forward pass over the whole batch,
+        then the mask gradient summed over chunks in a ``lax.scan``; equal to the whole batch's
+        up to float rounding, a peak memory of about one chunk's activations), or ``"auto"``:
+        the largest chunk whose compiled step fits 0.75 of the device's ``bytes_limit``, whole
+        batches if they fit or the device reports no limit (XLA:CPU); ``"auto"`` runs the
+        sequential sample loop. ``score.micro_batches`` records ``{batch size: examples per chunk, None if whole}``.
 
     Returns:
       ``score(params, masks, batch_stats, key)`` returning a pytree shaped like ``masks``
@@ -429,10 +448,16 @@ def ntksap_scorer(
     eps = positive_float(eps, "eps")
     estimator = _choice(Estimator, estimator, "estimator")
     sample_loop = _choice(SampleLoop, sample_loop, "sample_loop")
+    micro_batch = check_micro_batch(micro_batch)
+    if micro_batch == "auto" and sample_loop == SampleLoop.VMAP:
+        raise ValueError("micro_batch='auto' sizes the sequential loop's step; use sample_loop='sequential' or "
+                         "'auto', or give micro_batch a number")
     input_shape = tuple(int(s) for s in input_shape)
     spec = as_model(model, input_shape)
     reinit = make_reinit(spec, reinit)
     sizes = batch_sizes(num_inputs, batch_size)
+    if sample_loop == SampleLoop.AUTO and micro_batch == "auto":
+        sample_loop = SampleLoop.SEQUENTIAL
     if sample_loop == SampleLoop.AUTO:
         small = samples * num_inputs <= VMAP_MAX_INPUTS
         sample_loop = SampleLoop.VMAP if jax.default_backend() != "cpu" and small else SampleLoop.SEQUENTIAL
@@ -441,44 +466,16 @@ def ntksap_scorer(
 
     counter = TraceCounter()
 
-    @counter.wrap
-    def one(params, masks, batch_stats, key, n):
-        return ntksap_sample_gradient(
-            spec, params, masks, batch_stats, key, (n, *input_shape), eps=eps, estimator=estimator, reinit=reinit
-        )
+    def one(params, masks, batch_stats, key, n, micro=micro_batch):
+        return ntksap_sample_gradient(spec, params, masks, batch_stats, key, (n, *input_shape), eps=eps,
+                                      estimator=estimator, reinit=reinit, micro_batch=micro)
 
     def sample_key(key, r, b):
         return jax.random.fold_in(jax.random.fold_in(key, r), b)
 
     if sample_loop == SampleLoop.SEQUENTIAL:
-        # One compiled step per distinct batch size (one, or two when the last batch is short).
-        steps = {
-            n: jax.jit(
-                lambda acc, params, masks, batch_stats, key, n=n: _tree_add(
-                    acc, one(params, masks, batch_stats, key, n)
-                ),
-                donate_argnums=0,
-            )
-            for n in sorted(set(sizes))
-        }
-        zeros = jax.jit(lambda masks: jax.tree.map(jnp.zeros_like, masks))
-        finalize = jax.jit(_finalize)
-
-        def score(params, masks, batch_stats, key):
-            serial = cpu_collectives_need_serial(jax.sharding.get_mesh())  # under prune(..., mesh=) on CPU
-            acc = zeros(masks)
-            for r, b, n in plan:
-                acc = steps[n](acc, params, masks, batch_stats, sample_key(key, r, b))
-                if serial:
-                    jax.block_until_ready(acc)
-            return finalize(acc, masks)
-
-        def lowered(params, masks, batch_stats, key):
-            acc = jax.eval_shape(lambda m: jax.tree.map(jnp.zeros_like, m), masks)
-            uses = [n for _, _, n in plan]
-            return [(step.lower(acc, params, masks, batch_stats, key), uses.count(n)) for n, step in steps.items()]
-
-        return ScoreFn(score, counter, lowered)
+        return sequential_score_fn(one, plan, sample_key, micro_batch, counter, _finalize)
+    one = counter.wrap(one)
 
     @jax.jit
     def score(params, masks, batch_stats, key):
@@ -490,4 +487,6 @@ def ntksap_scorer(
             acc = total if acc is None else _tree_add(acc, total)
         return _finalize(acc, masks)
 
-    return ScoreFn(score, counter, lambda *args: [(score.lower(*args), 1)])
+    fn = ScoreFn(score, counter, lambda *args: [(score.lower(*args), 1)])
+    fn.micro_batches = {n: chunk_size(n, micro_batch) for n in sizes}
+    return fn
