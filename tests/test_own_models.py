@@ -461,6 +461,7 @@ def test_every_method_on_every_front_end(name):
     """Each registered method (NTK-SAP with both estimators; the data-driven ones given data) prunes
     an NNX, an Equinox and a stax model to exactly round(d·N) weights, in the model's structure."""
     from ntksap_jax import list_scorers
+    from ntksap_jax.scores import get_method
 
     build, shape = MODELS[name]
     model = build()
@@ -471,7 +472,7 @@ def test_every_method_on_every_front_end(name):
         kwargs = dict(extra)
         if method == "ntksap":
             kwargs.update(samples=1, num_inputs=16)
-        if method in ("snip", "iterative_snip", "grasp"):
+        if get_method(method).needs_data:  # SNIP, iterative SNIP, GraSP, PX
             kwargs["data"] = (x, y)
         result = prune_model(model, input_shape=shape, density=0.2, key=jax.random.key(1), method=method,
                              iterations=2, on_collapse="ignore", **kwargs)
