@@ -123,6 +123,7 @@ def test_float32_nhwc_convolutions_lower_to_the_custom_call_and_float64_does_not
 
 
 @needs_onednn
+@pytest.mark.slow(seconds=25)
 def test_resnet20_ntksap_scores_agree_with_xla_convolutions(monkeypatch):
     """Fixed-key NTK-SAP scores with oneDNN and with XLA's path agree to float32 rounding."""
     import ntksap_jax.conv as conv_module
