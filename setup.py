@@ -36,22 +36,45 @@ def _ffi_include() -> Path | None:
 
 
 class OptionalBuildExt(build_ext):
-    """Builds the extension when its headers are there; never fails the install."""
+    """Builds the extension when its headers are there; never fails the install.
+
+    A skipped or failed extension is taken off ``self.extensions``, so the wheel (editable or not)
+    does not look for its file. ``NTKSAP_JAX_BUILD_ONEDNN=0`` skips it on purpose.
+    """
+
+    def run(self):
+        prefix, ffi = _onednn_prefix(), _ffi_include()
+        if os.environ.get("NTKSAP_JAX_BUILD_ONEDNN", "1") == "0":
+            missing = "NTKSAP_JAX_BUILD_ONEDNN=0"
+        elif prefix is None:
+            missing = "no oneDNN headers: apt-get install libdnnl-dev, or set ONEDNN_ROOT"
+        elif ffi is None:
+            missing = "no jaxlib with XLA's FFI headers in the build environment"
+        else:
+            missing = None
+        if missing:
+            print(f"ntksap-jax: not building the oneDNN convolutions ({missing}); XLA's CPU path is used")
+            self.extensions = []
+            return
+        for ext in self.extensions:
+            ext.include_dirs += [str(prefix / "include"), str(ffi)]
+            ext.library_dirs += [str(prefix / "lib"), str(prefix / "lib" / "x86_64-linux-gnu")]
+            if str(prefix) not in ("/usr", "/usr/local"):
+                ext.runtime_library_dirs += [str(prefix / "lib")]
+        self._failed = []
+        super().run()
+        self.extensions = [ext for ext in self.extensions if ext not in self._failed]
+
+    def copy_extensions_to_source(self):  # the in-place copy of an editable install: built ones only
+        self.extensions = [ext for ext in self.extensions if ext not in getattr(self, "_failed", [])]
+        super().copy_extensions_to_source()
 
     def build_extension(self, ext):
-        prefix, ffi = _onednn_prefix(), _ffi_include()
-        if prefix is None or ffi is None:
-            missing = "oneDNN headers (apt-get install libdnnl-dev, or ONEDNN_ROOT)" if prefix is None else "jaxlib"
-            print(f"ntksap-jax: not building the oneDNN convolutions ({missing} not found); XLA's CPU path is used")
-            return
-        ext.include_dirs += [str(prefix / "include"), str(ffi)]
-        ext.library_dirs += [str(prefix / "lib"), str(prefix / "lib" / "x86_64-linux-gnu")]
-        if str(prefix) not in ("/usr", "/usr/local"):
-            ext.runtime_library_dirs += [str(prefix / "lib")]
         try:
             super().build_extension(ext)
         except Exception as err:  # noqa: BLE001 - an optional extension must never fail the install
             print(f"ntksap-jax: the oneDNN convolutions did not build ({err}); XLA's CPU path is used")
+            self._failed.append(ext)
 
 
 setup(

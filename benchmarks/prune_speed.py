@@ -92,6 +92,17 @@ def _flops(lowered) -> float:
     return float("nan")
 
 
+def _conv_path() -> str:
+    """Which CPU convolutions ran: oneDNN (the package's extension) or XLA's own."""
+    import jax
+
+    from ntksap_jax import _onednn
+
+    if jax.default_backend() != "cpu":
+        return "n/a"
+    return "oneDNN" if _onednn.available() and jax.device_count() == 1 else "XLA"
+
+
 def run_config(cfg: dict) -> dict:
     """One configuration, in this process: compile, time ``cfg['iterations']`` pruning rounds."""
     import jax
@@ -124,7 +135,17 @@ def run_config(cfg: dict) -> dict:
         # 5.9 TFLOP where the convolutions alone are about 490 TFLOP: not reported.
         flops = float("nan")
     else:
-        flops = sum(uses * _flops(low) for low, uses in score.lowered(params, masks, batch_stats, key))
+        # XLA counts no FLOPs inside a custom call, so the count comes from the same scorer traced
+        # with XLA's convolutions (oneDNN off): the same algorithm on the same shapes.
+        import ntksap_jax.conv as conv_module
+
+        applies, conv_module._onednn_applies = conv_module._onednn_applies, lambda *a: False
+        try:
+            counted = ntksap_scorer(model, shape, samples=samples, num_inputs=num_inputs, batch_size=batch_size,
+                                    estimator=cfg["estimator"], sample_loop=cfg["sample_loop"])
+            flops = sum(uses * _flops(low) for low, uses in counted.lowered(params, masks, batch_stats, key))
+        finally:
+            conv_module._onednn_applies = applies
 
     T = preset.ntksap_iterations
     k = min(cfg["iterations"] or T, T)
@@ -146,6 +167,7 @@ def run_config(cfg: dict) -> dict:
         "projected_total_seconds": (first - steady) + T * med,
         "peak_rss_gb": peak_rss_gb(),
         "gflop_per_iteration": flops / 1e9,
+        "cpu_convolutions": _conv_path(),
         "gflops_achieved": flops / 1e9 / med,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
