@@ -33,6 +33,20 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// User-managed scratchpads: each execution allocates its own. XLA may run independent custom calls
+// (a ResNet's shortcut and main branch) on several threads at once, and oneDNN's library-managed
+// scratchpad is shared between primitives unless oneDNN was built with DNNL_ENABLE_CONCURRENT_EXEC.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+template <typename PD>
+dnnl::memory Scratchpad(const PD& pd) {
+  return dnnl::memory(pd.scratchpad_desc(), Engine());
+}
+
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow;
   memory::dims strides, pad_l, pad_r;
@@ -45,7 +59,7 @@ struct Geometry {
   dnnl::convolution_forward::primitive_desc Forward() const {
     dnnl::convolution_forward::desc desc(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
                                          Act(false), Weights(tag::any), Act(true), strides, pad_l, pad_r);
-    return dnnl::convolution_forward::primitive_desc(desc, Engine());
+    return dnnl::convolution_forward::primitive_desc(desc, UserScratchpad(), Engine());
   }
 };
 
@@ -66,7 +80,9 @@ ffi::ErrorOr<Geometry> MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const 
 void SmallReorder(dnnl::memory& from, dnnl::memory& to, dnnl::stream& stream) {
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
-  dnnl::reorder(from, to).execute(stream, from, to);
+  dnnl::reorder::primitive_desc pd(Engine(), from.get_desc(), Engine(), to.get_desc(), UserScratchpad());
+  dnnl::memory scratch = Scratchpad(pd);
+  dnnl::reorder(pd).execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratch}});
   omp_set_num_threads(threads);
 }
 
@@ -101,8 +117,9 @@ ffi::Error ConvFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Result
     dnnl::memory dst(g.Act(true), Engine(), y->typed_data());
     dnnl::memory user_w(g.Weights(tag::hwio), Engine(), w.typed_data());
     dnnl::memory wei = Reordered(user_w, pd.weights_desc(), stream);
-    dnnl::convolution_forward(pd).execute(stream,
-                                          {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    dnnl::memory scratch = Scratchpad(pd);
+    dnnl::convolution_forward(pd).execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                                                   {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   });
 }
@@ -116,13 +133,14 @@ ffi::Error ConvBwdData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::R
     dnnl::stream stream(Engine());
     dnnl::convolution_backward_data::desc desc(dnnl::algorithm::convolution_direct, g.Act(false),
                                                g.Weights(tag::any), g.Act(true), g.strides, g.pad_l, g.pad_r);
-    dnnl::convolution_backward_data::primitive_desc pd(desc, Engine(), g.Forward());
+    dnnl::convolution_backward_data::primitive_desc pd(desc, UserScratchpad(), Engine(), g.Forward());
     dnnl::memory diff_dst(g.Act(true), Engine(), dy.typed_data());
     dnnl::memory diff_src(g.Act(false), Engine(), dx->typed_data());
     dnnl::memory user_w(g.Weights(tag::hwio), Engine(), w.typed_data());
     dnnl::memory wei = Reordered(user_w, pd.weights_desc(), stream);
-    dnnl::convolution_backward_data(pd).execute(
-        stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
+    dnnl::memory scratch = Scratchpad(pd);
+    dnnl::convolution_backward_data(pd).execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
+                                                         {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_SCRATCHPAD, scratch}});
     stream.wait();
   });
 }
@@ -136,14 +154,16 @@ ffi::Error ConvBwdWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi
     dnnl::stream stream(Engine());
     dnnl::convolution_backward_weights::desc desc(dnnl::algorithm::convolution_direct, g.Act(false),
                                                   g.Weights(tag::any), g.Act(true), g.strides, g.pad_l, g.pad_r);
-    dnnl::convolution_backward_weights::primitive_desc pd(desc, Engine(), g.Forward());
+    dnnl::convolution_backward_weights::primitive_desc pd(desc, UserScratchpad(), Engine(), g.Forward());
     dnnl::memory src(g.Act(false), Engine(), x.typed_data());
     dnnl::memory diff_dst(g.Act(true), Engine(), dy.typed_data());
     dnnl::memory user_dw(g.Weights(tag::hwio), Engine(), dw->typed_data());
     bool direct = pd.diff_weights_desc() == user_dw.get_desc();
     dnnl::memory diff_w = direct ? user_dw : dnnl::memory(pd.diff_weights_desc(), Engine());
-    dnnl::convolution_backward_weights(pd).execute(
-        stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_w}});
+    dnnl::memory scratch = Scratchpad(pd);
+    dnnl::convolution_backward_weights(pd).execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                                            {DNNL_ARG_DIFF_WEIGHTS, diff_w},
+                                                            {DNNL_ARG_SCRATCHPAD, scratch}});
     if (!direct) SmallReorder(diff_w, user_dw, stream);
     stream.wait();
   });

@@ -173,3 +173,36 @@ def test_turned_off_by_environment_and_warns_once_when_missing(monkeypatch, tmp_
 @pytest.mark.skipif(not ONEDNN_HEADERS, reason="oneDNN is not installed here, so the build skips the extension")
 def test_the_extension_is_built_where_onednn_is_installed():
     assert _onednn.library_path() is not None
+
+
+@needs_onednn
+def test_strided_1x1_weight_gradient_of_one_small_image_is_right_and_does_not_crash():
+    """oneDNN 2.6's strided 1x1 weight gradient corrupted the heap for one image of under 16
+    channels (SynFlow's batch of one on a width-8 ResNet-20 crashed); ``conv.py`` now runs strided
+    1x1 convolutions as unit-stride ones on every stride-th pixel. In a subprocess, since the
+    failure was a crash; checked against float64 lax within Higham's bound (K = N·H'·W' products)."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from ntksap_jax.conv import conv_general_dilated
+jax.config.update("jax_enable_x64", True)
+DN = ("NHWC", "HWIO", "NHWC")
+for n, c in ((1, 8), (1, 3), (2, 4)):
+    x = jax.random.normal(jax.random.key(0), (n, 28, 28, c), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (1, 1, c, 16), jnp.float32)
+    g = jax.random.normal(jax.random.key(2), (n, 14, 14, 16), jnp.float32)
+    conv = lambda x_, b: conv_general_dilated(x_, b, (2, 2), "VALID", dimension_numbers=DN)
+    grad = jax.jit(lambda x, w: jax.vjp(lambda b: conv(x, b), w)[1](g)[0])
+    for _ in range(100):
+        got = grad(x, w).block_until_ready()
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    ref = lambda x_, b: lax.conv_general_dilated(x_, b, (2, 2), "VALID", dimension_numbers=DN)
+    f = lambda x_, g_: jax.vjp(lambda b: ref(x_, b), w.astype(jnp.float64))[1](g_)[0]
+    k = n * 14 * 14
+    bound = k * 2.0**-24 / (1 - k * 2.0**-24) * f(np.abs(x64), np.abs(g64))
+    assert bool(jnp.all(jnp.abs(got - f(x64, g64)) <= bound)), (n, c)
+    assert "ntksap_onednn" in grad.lower(x, w).as_text()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-2000:])
