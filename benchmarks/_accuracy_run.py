@@ -153,8 +153,8 @@ def run_setting(study: Study, setting: str, args) -> str:
     model = preset.build_model()
     ds = load(preset.dataset)
     train_kwargs = preset.train_kwargs()
-    if args.epochs is not None:
-        train_kwargs["epochs"] = args.epochs
+    if args.epochs is not None:  # a warm-up must leave at least one epoch
+        train_kwargs.update(epochs=args.epochs, warmup_epochs=min(train_kwargs["warmup_epochs"], args.epochs - 1))
     record = new_record(study, setting, preset, args, train_kwargs)
     start = time.perf_counter()
     ctx = {"record": record, "preset": preset, "model": model, "ds": ds, "train_kwargs": train_kwargs,
