@@ -98,6 +98,7 @@ SLOW_TESTS = {
     "test_ntksap.py::test_pruning_loop_compiles_the_scorer_once": 12,
     "test_own_models.py::test_prune_model_on_users_models[nnx_cnn-ntksap]": 10,
     "test_analysis.py::test_resnet_spectrum_matches_float64_oracle_and_averages_draws": 10,
+    "test_accuracy_studies.py::test_conv_study_quick_run": 45,
 }
 
 #: Module fixtures that cost minutes: every test that uses one is slow too (``-m "not slow"`` must

@@ -39,12 +39,13 @@ ALL_NAMES = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "lenet5",
 )
-BN_FREE = ("mlp", "lenet300")
+BN_FREE = ("mlp", "lenet300", "lenet5")
 
 
 def input_shape(name: str, batch: int = 2) -> tuple[int, ...]:
-    if name in ("mlp", "lenet300"):
+    if name in ("mlp", "lenet300", "lenet5"):
         return (batch, 28, 28, 1)
     if name in ("resnet18", "resnet34", "resnet50"):
         return (batch, 224, 224, 3)
@@ -197,6 +198,8 @@ EXPECTED_COUNTS = [
     ("resnet50", 1000, None, 25_502_912),
     ("lenet300", 10, None, 784 * 300 + 300 * 100 + 100 * 10),
     ("mlp", 10, None, 784 * 512 + 512 * 512 + 512 * 10),
+    # LeNet-5: conv 5*5*1*6, conv 5*5*6*16, then 16*5*5 -> 120 -> 84 -> 10
+    ("lenet5", 10, None, 150 + 2400 + 400 * 120 + 120 * 84 + 84 * 10),
 ]
 
 
@@ -204,6 +207,44 @@ EXPECTED_COUNTS = [
 def test_prunable_counts(name, num_classes, shape, expected):
     _, variables = abstract_variables(name, num_classes, shape)
     assert prunable_count(variables["params"]) == expected
+
+
+def test_resnet20_narrow_preset_count():
+    # resnet20-narrow-mnist5k: the lottery ResNet-20 at width 8 (8-16-32) on 1-channel 28x28 images
+    from ntksap_jax.presets import get_preset
+
+    preset = get_preset("resnet20-narrow-mnist5k")
+    model = preset.build_model()
+    assert (model.depth, model.width, preset.input_shape) == (20, 8, (28, 28, 1))
+    variables = jax.eval_shape(model.init, KEY, jnp.zeros((2, 28, 28, 1)))
+    expected = (1 * 8 * 9 + 6 * 8 * 8 * 9 + 8 * 16 * 9 + 5 * 16 * 16 * 9 + 8 * 16
+                + 16 * 32 * 9 + 5 * 32 * 32 * 9 + 16 * 32 + 32 * 10)
+    assert prunable_count(variables["params"]) == expected
+
+
+def test_lenet5_forward_against_lax():
+    """LeNet-5's logits recomputed with lax primitives (conv padding 2 then VALID, 2x2 max-pools)."""
+    model = get_model("lenet5", 10)
+    x = jax.random.normal(jax.random.key(3), (3, 28, 28, 1))
+    variables = model.init(KEY, x)
+    p = variables["params"]
+
+    def conv_relu_pool(h, layer, pad):
+        h = jax.lax.conv_general_dilated(h, p[layer]["kernel"], (1, 1), [(pad, pad)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=jax.lax.Precision.HIGHEST)
+        h = jnp.maximum(h + p[layer]["bias"], 0.0)
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    h = conv_relu_pool(conv_relu_pool(x, "conv1", 2), "conv2", 0)
+    assert h.shape == (3, 5, 5, 16)
+    h = h.reshape(3, -1)
+    for layer in ("dense_0", "dense_1"):
+        h = jnp.maximum(h @ p[layer]["kernel"] + p[layer]["bias"], 0.0)
+    expected = h @ p["fc"]["kernel"] + p["fc"]["bias"]
+    np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-4, atol=1e-4)
+    assert [p[n]["kernel"].shape for n in ("conv1", "conv2", "dense_0", "dense_1", "fc")] == [
+        (5, 5, 1, 6), (5, 5, 6, 16), (400, 120), (120, 84), (84, 10)]
 
 
 def test_lenet300_count_literal():

@@ -322,7 +322,7 @@ def test_dense_and_ntksap_mlp_accuracy_on_digits(digits):
 
 def test_presets():
     assert list_presets() == ("resnet20-cifar10", "vgg16-cifar100", "resnet18-tinyimagenet", "resnet50-imagenet",
-                              "mlp-digits", "lenet300-mnist5k")
+                              "mlp-digits", "lenet300-mnist5k", "lenet5-mnist5k", "resnet20-narrow-mnist5k")
     r20 = get_preset("resnet20-cifar10")  # the official scripts/run.sh
     assert (r20.epochs, r20.batch_size, r20.lr, r20.momentum, r20.weight_decay, r20.milestones, r20.gamma) == (
         160, 128, 0.1, 0.9, 1e-4, (80, 120), 0.1)

@@ -31,6 +31,7 @@ import flax.linen as nn
 
 from .common import check_num_classes, kaiming_normal
 from ._order import module_order
+from .lenet5 import LENET5_CHANNELS, LENET5_FEATURES, LeNet5
 from .mlp import LENET300_FEATURES, MLP
 from .resnet import RESNET_SPECS, STEMS, BasicBlock, Bottleneck, ResNet
 from .resnet_cifar import LotteryBlock, LotteryResNet
@@ -38,6 +39,7 @@ from .vgg import VGG, VGG_CFGS
 
 __all__ = [
     "BasicBlock",
+    "LeNet5",
     "Bottleneck",
     "LotteryBlock",
     "LotteryResNet",
@@ -45,6 +47,8 @@ __all__ = [
     "ResNet",
     "VGG",
     "LENET300_FEATURES",
+    "LENET5_CHANNELS",
+    "LENET5_FEATURES",
     "RESNET_SPECS",
     "STEMS",
     "VGG_CFGS",
@@ -72,6 +76,7 @@ _REGISTRY: dict[str, _Entry] = {
     "resnet18": _Entry(ResNet, {"depth": 18}),
     "resnet34": _Entry(ResNet, {"depth": 34}),
     "resnet50": _Entry(ResNet, {"depth": 50}),
+    "lenet5": _Entry(LeNet5, {}),
 }
 
 # dataclass fields of every linen Module that are not model hyper-parameters
@@ -83,7 +88,7 @@ def list_models() -> tuple[str, ...]:
 
     Returns:
       ``("mlp", "lenet300", "resnet20", "resnet32", "resnet56", "vgg11",
-      "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")``.
+      "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "lenet5")``.
 
     Example::
 
