@@ -12,7 +12,9 @@
 // Written against the oneDNN 2.x C++ API (Debian's libdnnl-dev 2.6).
 
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
+#include <mutex>
 #include <string>
 
 #include <omp.h>
@@ -93,8 +95,23 @@ dnnl::memory Reordered(dnnl::memory from, const memory::desc& to, dnnl::stream& 
   return out;
 }
 
+bool EnvOn(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return fallback;
+  return std::string(v) != "0";
+}
+
+// One oneDNN call at a time per process: each already runs on every core (OpenMP), and XLA runs
+// independent custom calls (NTK-SAP's two forward passes) on several threads at once, which
+// oversubscribes the cores: on 2 cores a ResNet-20 NTK-SAP sample step took 3% longer that way
+// (benchmarks/onednn_serial.py: 452 ms against 440 ms, medians of 45). NTKSAP_JAX_ONEDNN_SERIAL=0
+// lets them overlap.
 template <typename F>
 ffi::Error Guarded(F&& body) {
+  static const bool serial = EnvOn("NTKSAP_JAX_ONEDNN_SERIAL", true);
+  static std::mutex one_at_a_time;
+  std::unique_lock<std::mutex> lock(one_at_a_time, std::defer_lock);
+  if (serial) lock.lock();
   try {
     body();
     return ffi::Error::Success();
