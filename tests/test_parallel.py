@@ -62,7 +62,7 @@ def test_worker_saw_eight_devices(results):
     ("mlp/finite_difference/float64", 1e-10),
     ("resnet20/finite_difference/float64", 1e-10),
     ("mlp/vmap/float64", 1e-10),  # the vmap sample loop (the accelerator default) on the mesh
-    ("resnet20/vmap/float64", 1e-10),
+    ("resnet8/vmap/float64", 1e-10),  # ResNet-20 with one block a stage (parallel_worker.vmap_loop)
 ])
 def test_scores_match_one_device(results, key, bound):
     assert results[key] <= bound, (key, results[key])
