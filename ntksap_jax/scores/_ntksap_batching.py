@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 
 from ntksap_jax.masks import apply_masks
+from ntksap_jax.ntk import jvp_squared_norm
 from ntksap_jax.parallel import cpu_collectives_need_serial
 from ntksap_jax.scores._protocol import ScoreFn
 
 __all__ = ["AUTO_MEMORY_FRACTION", "check_micro_batch", "chunks", "chunk_size", "micro_batched_gradient",
-           "pick_micro_batch", "device_memory_budget", "compiled_peak_bytes", "sequential_score_fn"]
+           "objective_value", "pick_micro_batch", "device_memory_budget", "compiled_peak_bytes", "sequential_score_fn"]
 
 PyTree = Any
 
@@ -107,16 +108,24 @@ def tangent(params, masks, perturbation, eps):
                         params, perturbation, is_leaf=lambda t: t is None)
 
 
-def _chunk_objective(spec, theta, m, z, xb, weight, stats, eps: float, jvp: bool) -> jax.Array:
-    """The objective on one chunk ``xb`` with fixed statistics; ``weight`` (or ``None``) per example."""
-    masked = apply_masks(theta, m)
+def objective_value(apply_fn, params, masks, perturbation, x, *, eps: float, jvp: bool) -> jax.Array:
+    """NTK-SAP's objective (:func:`ntksap_jax.scores.ntksap.ntksap_objective`, the estimator as a flag):
+    ``‖f(θ⊙m) − f((θ+εz)⊙m)‖²``, or ``‖J(θ⊙m) (εz⊙m)‖²`` when ``jvp``."""
+    masked = apply_masks(params, masks)
     if jvp:
-        _, out = jax.jvp(lambda p: spec.apply(p, stats, xb)[0], (masked,), (tangent(theta, m, z, eps),))
-    else:
-        out = spec.apply(masked, stats, xb)[0] - spec.apply(moved(theta, m, z, eps), stats, xb)[0]
-    if weight is None:
-        return jnp.vdot(out, out)
-    return jnp.sum(weight.reshape((-1,) + (1,) * (out.ndim - 1)) * out * out)
+        return jvp_squared_norm(apply_fn, masked, x, tangent(params, masks, perturbation, eps))
+    diff = apply_fn(masked, x) - apply_fn(moved(params, masks, perturbation, eps), x)
+    return jnp.vdot(diff, diff)
+
+
+def _chunk_objective(spec, theta, m, z, xb, weight, stats, eps: float, jvp: bool) -> jax.Array:
+    """The objective on one chunk ``xb`` with fixed statistics; ``weight`` (0/1 per example, or
+    ``None``) multiplies each example's outputs, so a weight-0 example adds exactly nothing."""
+    def apply_fn(p, xs):
+        out = spec.apply(p, stats, xs)[0]
+        return out if weight is None else out * weight.reshape((-1,) + (1,) * (out.ndim - 1))
+
+    return objective_value(apply_fn, theta, m, z, xb, eps=eps, jvp=jvp)
 
 
 def micro_batched_gradient(spec, theta: PyTree, masks: PyTree, z: PyTree, x: jax.Array, batch_stats: PyTree, *,

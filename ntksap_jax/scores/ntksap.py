@@ -58,16 +58,15 @@ import jax.numpy as jnp
 from ntksap_jax._checks import positive_float, positive_int
 from ntksap_jax.masks import apply_masks
 from ntksap_jax.model import Model, as_model
-from ntksap_jax.ntk import gaussian_like, jvp_squared_norm
+from ntksap_jax.ntk import gaussian_like
 from ntksap_jax.parallel import shard_examples
 from ntksap_jax.scores._data import batch_sizes
 from ntksap_jax.scores._ntksap_batching import (
     check_micro_batch,
     chunk_size,
     micro_batched_gradient,
-    moved,
+    objective_value,
     sequential_score_fn,
-    tangent,
 )
 from ntksap_jax.scores._protocol import ScoreFn, TraceCounter
 
@@ -279,11 +278,7 @@ def ntksap_objective(
       g = jax.grad(lambda m: ntksap_objective(apply_fn, theta, m, z, x))(masks)
     """
     estimator = _choice(Estimator, estimator, "estimator")
-    masked = apply_masks(params, masks)
-    if estimator == Estimator.FINITE_DIFFERENCE:
-        diff = apply_fn(masked, x) - apply_fn(moved(params, masks, perturbation, eps), x)
-        return jnp.vdot(diff, diff)
-    return jvp_squared_norm(apply_fn, masked, x, tangent(params, masks, perturbation, eps))
+    return objective_value(apply_fn, params, masks, perturbation, x, eps=eps, jvp=estimator == Estimator.JVP)
 
 
 def ntksap_sample_draws(
@@ -366,13 +361,9 @@ def ntksap_sample_gradient(
 
     # BatchNorm statistics of the unperturbed net on x (the official code's train-mode pass).
     def objective(m):
-        masked = apply_masks(theta, m)
-        stats = spec.statistics(masked, batch_stats, x)
-        if estimator == Estimator.JVP:
-            apply_fn = lambda p, xb: spec.apply(p, stats, xb)[0]  # noqa: E731
-            return jvp_squared_norm(apply_fn, masked, x, tangent(theta, m, z, eps))
-        diff = spec.apply(masked, stats, x)[0] - spec.apply(moved(theta, m, z, eps), stats, x)[0]
-        return jnp.vdot(diff, diff)
+        stats = spec.statistics(apply_masks(theta, m), batch_stats, x)
+        apply_fn = lambda p, xb: spec.apply(p, stats, xb)[0]  # noqa: E731
+        return objective_value(apply_fn, theta, m, z, x, eps=eps, jvp=estimator == Estimator.JVP)
 
     return jax.grad(objective)(masks)
 
