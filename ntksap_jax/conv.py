@@ -7,6 +7,14 @@ custom call, with forward mode, reverse mode and ``vmap`` rules. ``NTKSAP_JAX_ON
 turns it off; without the extension a warning says so once and the path below is used.
 Other dtypes (float64 oracles), other layouts and other backends (cuDNN, TPU) never take it.
 
+float64 convolutions are XLA's own (``lax.conv_general_dilated``, derivatives and all): float64 is
+the dtype of oracles and validation, small batches that run a few times, where the time to
+compile is the cost. The per-tap weight tangent below is 9 matmuls, pads and slices per 3x3
+convolution where XLA's is one op: on 2 cores a float64 ResNet-20 NTK-SAP scorer (2 samples of
+12 inputs) compiled and ran its first call in 12.5 s against 19.9 s through the taps, and ran
+later calls in 1.86 s against 1.41 s (``benchmarks/conv_float64.py``), so the taps pay off only
+after about 16 calls; an eager float64 ``jax.jacobian`` oracle dispatches far fewer ops.
+
 Without oneDNN:
 
 XLA:CPU lowers the forward convolution and the input gradient to Eigen's spatial
@@ -95,13 +103,23 @@ def conv_general_dilated(
 
     Returns:
       ``(N, H', W', O)``, equal to ``lax.conv_general_dilated(...)`` (bit-identical in the
-      forward pass; derivatives agree to rounding).
+      forward pass; derivatives agree to rounding; in float64 it is ``lax``'s, derivatives too).
 
     Example::
 
       y = conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
       layer = nn.Conv(16, (3, 3), conv_general_dilated=conv_general_dilated)
     """
+    return _dispatch(True, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
+def _dispatch(routes: bool, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+              preferred_element_type=None):
+    """``conv_general_dilated``'s choice of implementation. ``routes=False`` skips the float64 and
+    oneDNN routes, so the model zoo's layouts always take the custom-jvp convolution ``_conv``
+    (its per-tap weight tangent on CPU) whatever the dtype: ``_taps_conv_general_dilated``."""
     fast = (
         jnp.ndim(lhs) == 4
         and jnp.ndim(rhs) == 4
@@ -112,7 +130,7 @@ def conv_general_dilated(
         and batch_group_count == 1
         and preferred_element_type is None
     )
-    if not fast:
+    if not fast or (routes and _is_float64(lhs, rhs)):
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -120,7 +138,7 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-    if _onednn_applies(lhs, rhs, pads):
+    if routes and _onednn_applies(lhs, rhs, pads):
         if rhs.shape[:2] == (1, 1) and strides != (1, 1):
             # A strided 1x1 convolution is a unit-stride one on every stride-th pixel. oneDNN 2.6's own
             # strided 1x1 path ("reduce to unit stride") corrupted memory in its weight gradient for
@@ -130,6 +148,16 @@ def conv_general_dilated(
             return _onednn.conv(lhs[:, ::strides[0], ::strides[1], :], rhs, (1, 1), pads)
         return _onednn.conv(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, precision)
+
+
+#: ``conv_general_dilated`` without its float64 and oneDNN routes: the per-tap path in every dtype,
+#: for tests that check it against ``lax`` in float64 (same signature).
+_taps_conv_general_dilated = functools.partial(_dispatch, False)
+
+
+def _is_float64(lhs, rhs) -> bool:
+    """float64 convolutions are XLA's own on every backend (see the module docstring)."""
+    return jnp.result_type(lhs, rhs) == jnp.float64
 
 
 def _onednn_applies(lhs, rhs, pads) -> bool:

@@ -90,14 +90,12 @@ def scores(out, mesh):
         # (3 random sign patterns; the largest distance). And float32's error against float64 on
         # the same draws, which that sensitivity should explain.
         if name == "resnet20":
-            base = handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32)
+            base, *moved = handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32,
+                                              perturbs=(None, *(jax.random.key(100 + k) for k in range(3))))
             out[f"{name}/finite_difference/float32/handwritten"] = rel_err(base, one32)
-            out[f"{name}/finite_difference/float32/ulp_sensitivity"] = max(
-                rel_err(base, handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float32,
-                                                 perturb=jax.random.key(100 + k)))
-                for k in range(3))
-            out[f"{name}/finite_difference/float32/own_error"] = rel_err(
-                handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float64), one32)
+            out[f"{name}/finite_difference/float32/ulp_sensitivity"] = max(rel_err(base, m) for m in moved)
+            [in64] = handwritten_scores(model, shape, p, m0, bs, dtype=jnp.float64)
+            out[f"{name}/finite_difference/float32/own_error"] = rel_err(in64, one32)
         if name == "mlp":
             # float32 masks: the MLP's scores agree to ~1e-6, well inside its rank gaps
             score = ntksap_scorer(model, shape, samples=2, num_inputs=12)
@@ -124,18 +122,17 @@ def ulp_perturbed(x, key):
     return x * (1 + ULP * jax.random.rademacher(key, x.shape, jnp.float32))
 
 
-def handwritten_scores(model, shape, p, m0, bs, *, dtype, perturb=None, samples=2, num_inputs=12, eps=0.01):
+def handwritten_scores(model, shape, p, m0, bs, *, dtype, perturbs=(None,), samples=2, num_inputs=12, eps=0.01):
     """NTK-SAP's finite-difference scores (key 3) written out independently of the scorer, on the
-    scorer's own float32 draws θ, x, z of each sample, evaluated in ``dtype`` on one device.
+    scorer's own float32 draws θ, x, z of each sample, evaluated in ``dtype`` on one device: a list
+    of score trees, one per entry of ``perturbs`` (one compiled gradient serves them all).
 
-    ``perturb``: a PRNG key to move every input x by one float32 ulp first (``ulp_perturbed``).
+    ``perturbs``: None, or a PRNG key to move every input x by one float32 ulp first (``ulp_perturbed``).
     """
     spec = as_model(model, shape)
     reinit = make_reinit(spec, "auto")
     draws = [ntksap_sample_draws(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), r), 0), p, m0,
                                  (num_inputs, *shape), reinit=reinit) for r in range(samples)]
-    if perturb is not None:
-        draws = [(theta, ulp_perturbed(x, jax.random.fold_in(perturb, r)), z) for r, (theta, x, z) in enumerate(draws)]
     with jax.enable_x64(dtype == jnp.float64):
         cast = lambda t: jax.tree.map(lambda a: None if a is None else jnp.asarray(a, dtype), t,  # noqa: E731
                                       is_leaf=lambda a: a is None)
@@ -149,14 +146,19 @@ def handwritten_scores(model, shape, p, m0, bs, *, dtype, perturb=None, samples=
             d = spec.apply(masked, stats, x)[0] - spec.apply(moved, stats, x)[0]
             return jnp.sum(d * d)
 
-        total = None
         grad = jax.jit(jax.grad(objective))
-        for theta, x, z in draws:
-            g = grad(m, cast(theta), jnp.asarray(x, dtype), cast(z))
-            total = g if total is None else jax.tree.map(jnp.add, total, g)
-        return jax.tree.map(
-            lambda mm, g: None if mm is None else np.abs(np.asarray(g, np.float64)) * (np.asarray(mm) != 0),
-            m, total, is_leaf=lambda a: a is None)
+        results = []
+        for perturb in perturbs:
+            total = None
+            for r, (theta, x, z) in enumerate(draws):
+                if perturb is not None:
+                    x = ulp_perturbed(x, jax.random.fold_in(perturb, r))
+                g = grad(m, cast(theta), jnp.asarray(x, dtype), cast(z))
+                total = g if total is None else jax.tree.map(jnp.add, total, g)
+            results.append(jax.tree.map(
+                lambda mm, g: None if mm is None else np.abs(np.asarray(g, np.float64)) * (np.asarray(mm) != 0),
+                m, total, is_leaf=lambda a: a is None))
+        return results
 
 
 def vmap_loop(out, mesh):
@@ -209,7 +211,8 @@ def training(out, mesh, mesh_mp):
     for name, shape, data in (("mlp", (8, 8, 1), load("digits")), ("resnet20", (32, 32, 3), synthetic())):
         model, p, bs = setup(name, shape)
         variables = {"params": p, **({"batch_stats": bs} if bs else {})}
-        masks = prune(ntksap_scorer(model, shape, samples=1, num_inputs=16), p, density=0.2,
+        # the scores part's scorer settings: its compiled program is reused (persistent cache)
+        masks = prune(ntksap_scorer(model, shape, samples=2, num_inputs=12), p, density=0.2,
                       key=jax.random.key(2), batch_stats=bs).masks
         kw = dict(epochs=2, batch_size=16, lr=0.05, weight_decay=5e-4, eval_batch_size=16, progress=False)
         with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d8:

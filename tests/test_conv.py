@@ -1,7 +1,9 @@
 """``ntksap_jax.conv.conv_general_dilated`` against ``lax.conv_general_dilated`` in float64.
 
 The reference is XLA's own convolution and its derivatives (an independent implementation:
-ours writes the weight tangent as one matmul per kernel tap on CPU).
+ours writes the weight tangent as one matmul per kernel tap on CPU). In float64 the public function
+routes to ``lax`` itself, so the per-tap path (what float32 takes without oneDNN) is checked here
+through ``_taps_conv_general_dilated``, the same function without its float64 and oneDNN routes.
 """
 
 import flax.linen as nn
@@ -13,6 +15,7 @@ from jax import lax
 
 from conftest import to_f64
 from ntksap_jax import get_model
+from ntksap_jax.conv import _taps_conv_general_dilated as taps_conv
 from ntksap_jax.conv import conv_general_dilated
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -37,7 +40,7 @@ def test_value_and_derivatives_match_lax_float64(x64, n, h, w, c, o, k, s, pad):
     x = jax.random.normal(keys[0], (n, h, w, c), jnp.float64)
     kernel = jax.random.normal(keys[1], (k, k, c, o), jnp.float64)
     ref = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
-    ours = lambda x, w: conv_general_dilated(x, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
+    ours = lambda x, w: taps_conv(x, w, (s, s), pad, dimension_numbers=DN)  # noqa: E731
     y = ref(x, kernel)
     np.testing.assert_array_equal(ours(x, kernel), y)  # the forward pass is lax's own
     tx = jax.random.normal(keys[2], x.shape, jnp.float64)
@@ -65,7 +68,7 @@ def test_vmap_and_unsupported_layouts_fall_back(x64):
         (None, 0),
     )
     grad_ours = jax.vmap(
-        jax.grad(lambda w, x: jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2)),
+        jax.grad(lambda w, x: jnp.sum(taps_conv(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2)),
         (None, 0),
     )
     assert _rel(grad_ref(kernel, x), grad_ours(kernel, x)) < 1e-13
@@ -85,7 +88,8 @@ def test_vmap_and_unsupported_layouts_fall_back(x64):
 
 
 def test_resnet20_mask_gradient_matches_lax_convolutions(x64):
-    """Whole-network check: ResNet-20 weight gradients with our conv vs every conv forced to lax's."""
+    """Whole-network check: ResNet-20 weight gradients with every conv on the per-tap path vs every
+    conv forced to lax's."""
     model = get_model("resnet20", 10)
     variables = to_f64(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
     x = jax.random.normal(jax.random.key(3), (4, 32, 32, 3), jnp.float64)
@@ -93,17 +97,37 @@ def test_resnet20_mask_gradient_matches_lax_convolutions(x64):
     def loss(params):
         return jnp.sum(model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x) ** 2)
 
-    def use_lax(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and context.module.conv_general_dilated is conv_general_dilated:
-            swapped.append(context.module.name)
-            as_lax = context.module.clone(conv_general_dilated=lax.conv_general_dilated, parent=None)
-            return as_lax.apply({"params": context.module.variables["params"]}, *args, **kwargs)
-        return next_fun(*args, **kwargs)
+    def swap_to(conv):
+        def swap(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Conv) and context.module.conv_general_dilated is conv_general_dilated:
+                swapped.append(context.module.name)
+                other = context.module.clone(conv_general_dilated=conv, parent=None)
+                return other.apply({"params": context.module.variables["params"]}, *args, **kwargs)
+            return next_fun(*args, **kwargs)
+        return swap
 
     swapped = []
-    ours = jax.grad(loss)(variables["params"])
-    with nn.intercept_methods(use_lax):
+    with nn.intercept_methods(swap_to(taps_conv)):  # float64 would otherwise route to lax itself
+        ours = jax.grad(loss)(variables["params"])
+    assert len(swapped) == 21  # the stem, 18 block convs and 2 shortcut convs: all of them
+    swapped.clear()
+    with nn.intercept_methods(swap_to(lax.conv_general_dilated)):
         ref = jax.grad(loss)(variables["params"])
     assert len(swapped) == 21  # the stem, 18 block convs and 2 shortcut convs: all of them
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ours)):
         assert _rel(a, b) < 1e-12
+
+
+def test_float64_routes_to_lax_itself(x64):
+    """float64 convolutions are XLA's own, derivatives included: bit-identical to ``lax``'s (the
+    per-tap path only agrees to rounding), and the reverse-mode program holds no tap matmul."""
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3), jnp.float64)
+    kernel = jax.random.normal(jax.random.key(5), (3, 3, 3, 4), jnp.float64)
+
+    def loss(conv):
+        return lambda w: jnp.sum(jnp.tanh(conv(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN)))
+
+    ours = jax.grad(loss(conv_general_dilated))
+    np.testing.assert_array_equal(ours(kernel), jax.grad(loss(lax.conv_general_dilated))(kernel))
+    assert "dot_general" not in str(jax.make_jaxpr(ours)(kernel))
+    assert "dot_general" in str(jax.make_jaxpr(jax.grad(loss(taps_conv)))(kernel))  # the probe sees taps
