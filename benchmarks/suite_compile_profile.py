@@ -15,6 +15,7 @@ Usage::
 
   python benchmarks/suite_compile_profile.py --out benchmarks/results/test_suite/compile_profile.md
   python benchmarks/suite_compile_profile.py -- -m "not slow"      # the quick tier
+  python benchmarks/suite_compile_profile.py --raw events.tsv -- -n 0 tests/test_ntk.py
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the Markdown report here too")
     parser.add_argument("--top", type=int, default=40, help="rows per table (default 40)")
+    parser.add_argument("--raw", help="also write every event here, one tab-separated row each: "
+                                      "event, seconds, test, function (to slice by test and function)")
     parser.add_argument("pytest_args", nargs="*", help="after `--`: pytest's arguments (default: tests)")
     opts = parser.parse_args(argv)
     args = opts.pytest_args or ["-q", "tests"]
@@ -99,7 +102,10 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         code = subprocess.call([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env)
         wall = time.perf_counter() - start
-        text = report(read_events(pathlib.Path(logs)), wall, code, args, opts.top)
+        rows = read_events(pathlib.Path(logs))
+        text = report(rows, wall, code, args, opts.top)
+        if opts.raw:
+            pathlib.Path(opts.raw).write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
     print(text)
     if opts.out:
         out = pathlib.Path(opts.out)
