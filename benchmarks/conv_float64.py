@@ -43,7 +43,9 @@ score = ntksap_scorer(model, (32, 32, 3), samples=samples, num_inputs=num_inputs
 t = time.perf_counter(); s = jax.block_until_ready(score(p, m, bs, jax.random.key(3))); first = time.perf_counter() - t
 later = []
 for i in range(calls):
-    t = time.perf_counter(); jax.block_until_ready(score(p, m, bs, jax.random.key(3))); later.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(score(p, m, bs, jax.random.key(3)))
+    later.append(time.perf_counter() - t)
 np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(s)])
 print(json.dumps({"first": first, "later": later}))
 """
@@ -59,7 +61,7 @@ def main(argv=None) -> None:
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false", "JAX_PLATFORMS": "cpu"}
     got = {"lax": [], "taps": []}
     with tempfile.TemporaryDirectory() as d:
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             for route in ("lax", "taps"):
                 out = os.path.join(d, f"{route}.npz")
                 proc = subprocess.run([sys.executable, "-c", RUN, route, str(args.calls), str(args.samples),

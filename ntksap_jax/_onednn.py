@@ -115,8 +115,19 @@ def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple
 
     ``x`` ``(N, H, W, C)`` and ``w`` ``(kh, kw, C, O)``, both float32; explicit non-negative ``pads``
     ``((top, bottom), (left, right))``. Call only when :func:`available` is ``True``.
+
+    A strided 1x1 convolution runs as a unit-stride one on every stride-th pixel: oneDNN 2.6's own
+    strided 1x1 path ("reduce to unit stride") corrupted the heap in its weight gradient for one
+    image of under 16 channels, so no caller may reach it. Padded strided 1x1 convolutions are refused
+    (``conv.py`` keeps those on XLA's path).
     """
-    return conv_fwd_p.bind(x, w, strides=tuple(strides), pads=tuple(tuple(p) for p in pads))
+    strides, pads = tuple(int(s) for s in strides), tuple(tuple(int(p) for p in pair) for pair in pads)
+    if w.shape[:2] == (1, 1) and strides != (1, 1):
+        if any(p for pair in pads for p in pair):
+            raise ValueError(f"oneDNN convolutions take no padded strided 1x1 kernels; got strides {strides}, "
+                             f"pads {pads}")
+        x, strides = x[:, ::strides[0], ::strides[1], :], (1, 1)
+    return conv_fwd_p.bind(x, w, strides=strides, pads=pads)
 
 
 # --- primitives -------------------------------------------------------------------------------

@@ -206,3 +206,14 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-2000:])
+
+
+@needs_onednn
+def test_the_primitive_never_sees_a_strided_1x1_kernel():
+    """``_onednn.conv`` itself reroutes strided 1x1 kernels to unit stride on every stride-th pixel (so
+    no caller, these tests included, can reach oneDNN 2.6's heap-corrupting path) and refuses padded ones."""
+    x, w = jnp.ones((1, 8, 8, 4), jnp.float32), jnp.ones((1, 1, 4, 6), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda b: jnp.sum(_onednn.conv(x, b, (2, 2), ((0, 0), (0, 0))))))(w))
+    assert "ntksap_onednn_conv_bwd_weights" in jaxpr and "strides=(2, 2)" not in jaxpr
+    with pytest.raises(ValueError, match=r"no padded strided 1x1 kernels; got strides \(2, 2\)"):
+        _onednn.conv(x, w, (2, 2), ((1, 1), (0, 0)))
