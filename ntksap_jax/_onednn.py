@@ -122,12 +122,17 @@ def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: tuple[tuple
     (``conv.py`` keeps those on XLA's path).
     """
     strides, pads = tuple(int(s) for s in strides), tuple(tuple(int(p) for p in pair) for pair in pads)
+    if refuses(w.shape, strides, pads):
+        raise ValueError(f"oneDNN convolutions take no padded strided 1x1 kernels; got strides {strides}, "
+                         f"pads {pads}")
     if w.shape[:2] == (1, 1) and strides != (1, 1):
-        if any(p for pair in pads for p in pair):
-            raise ValueError(f"oneDNN convolutions take no padded strided 1x1 kernels; got strides {strides}, "
-                             f"pads {pads}")
         x, strides = x[:, ::strides[0], ::strides[1], :], (1, 1)
     return conv_fwd_p.bind(x, w, strides=strides, pads=pads)
+
+
+def refuses(kernel_shape, strides, pads) -> bool:
+    """True for the convolutions :func:`conv` refuses: padded strided 1x1 kernels (see there)."""
+    return tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) != (1, 1) and any(p for pair in pads for p in pair)
 
 
 # --- primitives -------------------------------------------------------------------------------

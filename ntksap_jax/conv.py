@@ -138,9 +138,7 @@ def _dispatch(routes: bool, lhs, rhs, window_strides, padding, lhs_dilation=None
         )
     strides = tuple(int(s) for s in window_strides)
     pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], strides)
-    if routes and _onednn_applies(lhs, rhs, pads):
-        if rhs.shape[:2] == (1, 1) and strides != (1, 1) and any(p for pair in pads for p in pair):
-            return _conv(lhs, rhs, strides, pads, precision)  # _onednn.conv refuses these (oneDNN 2.6 bug)
+    if routes and _onednn_applies(lhs, rhs, strides, pads):
         return _onednn.conv(lhs, rhs, strides, pads)
     return _conv(lhs, rhs, strides, pads, precision)
 
@@ -155,8 +153,9 @@ def _is_float64(lhs, rhs) -> bool:
     return jnp.result_type(lhs, rhs) == jnp.float64
 
 
-def _onednn_applies(lhs, rhs, pads) -> bool:
-    """oneDNN takes float32 NHWC convolutions with non-negative padding when JAX runs on one CPU device.
+def _onednn_applies(lhs, rhs, strides, pads) -> bool:
+    """oneDNN takes float32 NHWC convolutions with non-negative padding when JAX runs on one CPU device,
+    except the padded strided 1x1 ones ``_onednn.conv`` refuses (oneDNN 2.6's strided 1x1 bug).
 
     Several CPU devices (``--xla_force_host_platform_device_count``, meshes of host devices) keep
     XLA's convolution: XLA's SPMD partitioner can split it across the mesh, not a custom call.
@@ -165,6 +164,7 @@ def _onednn_applies(lhs, rhs, pads) -> bool:
         jnp.result_type(lhs) == jnp.float32
         and jnp.result_type(rhs) == jnp.float32
         and all(p >= 0 for pair in pads for p in pair)
+        and not _onednn.refuses(rhs.shape, strides, pads)
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
         and _onednn.available()
